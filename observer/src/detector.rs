@@ -1,0 +1,454 @@
+//! The detector: one state machine that turns observations into verdicts and decisions.
+//!
+//! It does no I/O and reads no clock: every call carries `now` from the caller, so its tests
+//! run on a virtual clock. Sensors (the kernel programs, the `Version()` probe, systemd) feed
+//! it [`Observation`]s; it answers with a [`Decision`] that the agent hands to the actuator.
+//!
+//! Rules today:
+//! - a kernel-reported exit of containerd's main process is a crash at once;
+//! - `failures_to_hang` consecutive failed probes make a hang (timeouts) or an unreachable
+//!   containerd (connection refused, socket missing);
+//! - a probe that answers, however slowly, makes containerd healthy;
+//! - while a restart is in flight, nothing triggers another one.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// Tunables of the detector.
+#[derive(Debug, Clone)]
+pub struct DetectorConfig {
+    /// Consecutive failed probes that make a hang or an unreachable containerd.
+    pub failures_to_hang: u32,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        Self {
+            failures_to_hang: 3,
+        }
+    }
+}
+
+/// Why a probe failed, as far as the detector cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeFailure {
+    /// No answer within the deadline: containerd accepted or queued the call and sat on it.
+    Timeout,
+    /// Nobody listens on the socket (refused, or the socket file is missing).
+    Refused,
+    /// Any other error (a gRPC error status, a broken connection).
+    Error,
+}
+
+/// Something a sensor saw.
+#[derive(Debug, Clone)]
+pub enum Observation {
+    ProbeSucceeded {
+        latency: Duration,
+        version: String,
+    },
+    ProbeFailed {
+        /// When the failed probe started: the first moment containerd did not answer.
+        started: Instant,
+        failure: ProbeFailure,
+        error: String,
+    },
+    /// containerd's main process exited.
+    ProcessExited {
+        pid: u32,
+        /// When it exited, as exactly as the sensor knows.
+        at: Instant,
+        sensor: Source,
+        detail: String,
+    },
+    /// The actuator started a restart.
+    RestartStarted,
+    /// The restart job finished, with systemd's result.
+    RestartFinished {
+        ok: bool,
+    },
+}
+
+/// Where a piece of evidence came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// A kernel program (eBPF).
+    Ebpf,
+    /// The `Version()` probe.
+    Probe,
+    /// systemd's view of the unit.
+    Systemd,
+}
+
+/// One fact behind a verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evidence {
+    pub source: Source,
+    pub at: Instant,
+    pub detail: String,
+}
+
+/// The detector's overall judgement of containerd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// No probe has finished yet.
+    Starting,
+    Healthy,
+    /// Something looks wrong but not enough to act.
+    Suspect,
+    Crashed,
+    Hung,
+    Unreachable,
+    /// A restart is in flight or has finished and containerd has not answered yet.
+    Recovering,
+}
+
+/// A judgement worth recording: what was seen, when, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub state: State,
+    pub at: Instant,
+    /// The first sign that led here; `at - first_sign` is the detection latency.
+    pub first_sign: Instant,
+    pub pid: Option<u32>,
+    pub evidence: Vec<Evidence>,
+}
+
+impl Verdict {
+    pub fn detection_latency(&self) -> Duration {
+        self.at.saturating_duration_since(self.first_sign)
+    }
+}
+
+/// What the agent should do after an observation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Wait,
+    /// Restart containerd's unit because of this verdict.
+    Restart(Verdict),
+}
+
+/// The state machine. Feed it with [`Detector::observe`].
+#[derive(Debug)]
+pub struct Detector {
+    config: DetectorConfig,
+    state: State,
+    main_pid: Option<u32>,
+    failed_probes: Vec<Evidence>,
+    restart_in_flight: bool,
+    /// Verdicts not yet taken by [`Detector::take_verdicts`].
+    new_verdicts: Vec<Verdict>,
+}
+
+impl Detector {
+    pub fn new(config: DetectorConfig) -> Self {
+        Self {
+            config,
+            state: State::Starting,
+            main_pid: None,
+            failed_probes: Vec::new(),
+            restart_in_flight: false,
+            new_verdicts: Vec::new(),
+        }
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Tells the detector which PID is containerd's main process now (from systemd).
+    pub fn set_main_pid(&mut self, pid: Option<u32>) {
+        self.main_pid = pid;
+    }
+
+    /// Verdicts reached since the last call, oldest first.
+    pub fn take_verdicts(&mut self) -> Vec<Verdict> {
+        std::mem::take(&mut self.new_verdicts)
+    }
+
+    pub fn observe(&mut self, now: Instant, observation: Observation) -> Decision {
+        match observation {
+            Observation::ProbeSucceeded { latency, version } => {
+                self.failed_probes.clear();
+                if self.state != State::Healthy && !self.restart_in_flight {
+                    let evidence = Evidence {
+                        source: Source::Probe,
+                        at: now,
+                        detail: format!(
+                            "Version() answered {version} in {:.1} ms",
+                            latency.as_secs_f64() * 1e3
+                        ),
+                    };
+                    self.record(now, State::Healthy, now, vec![evidence]);
+                }
+                Decision::Wait
+            }
+            Observation::ProbeFailed {
+                started,
+                failure,
+                error,
+            } => {
+                self.failed_probes.push(Evidence {
+                    source: Source::Probe,
+                    at: started,
+                    detail: format!("Version() failed ({}): {error}", failure_name(failure)),
+                });
+                if self.restart_in_flight || self.state == State::Crashed {
+                    return Decision::Wait;
+                }
+                let failures = self.failed_probes.len() as u32;
+                if failures < self.config.failures_to_hang {
+                    if self.state != State::Suspect {
+                        let first = self.failed_probes[0].at;
+                        self.record(now, State::Suspect, first, self.failed_probes.clone());
+                    }
+                    return Decision::Wait;
+                }
+                let state = if failure == ProbeFailure::Refused {
+                    State::Unreachable
+                } else {
+                    State::Hung
+                };
+                let first = self.failed_probes[0].at;
+                let verdict = self.record(now, state, first, self.failed_probes.clone());
+                Decision::Restart(verdict)
+            }
+            Observation::ProcessExited {
+                pid,
+                at,
+                sensor,
+                detail,
+            } => {
+                // Exits of other PIDs (an old main process we already restarted) and exits
+                // caused by our own restart are expected.
+                if self.main_pid.is_some_and(|main| main != pid) || self.restart_in_flight {
+                    return Decision::Wait;
+                }
+                if self.state == State::Crashed {
+                    return Decision::Wait;
+                }
+                let evidence = Evidence {
+                    source: sensor,
+                    at,
+                    detail,
+                };
+                let verdict = self.record(now, State::Crashed, at, vec![evidence]);
+                Decision::Restart(verdict)
+            }
+            Observation::RestartStarted => {
+                self.restart_in_flight = true;
+                self.failed_probes.clear();
+                self.state = State::Recovering;
+                Decision::Wait
+            }
+            Observation::RestartFinished { ok } => {
+                self.restart_in_flight = false;
+                if !ok {
+                    // The next failed probes will judge again.
+                    self.state = State::Suspect;
+                }
+                Decision::Wait
+            }
+        }
+    }
+
+    fn record(
+        &mut self,
+        now: Instant,
+        state: State,
+        first_sign: Instant,
+        evidence: Vec<Evidence>,
+    ) -> Verdict {
+        self.state = state;
+        let verdict = Verdict {
+            state,
+            at: now,
+            first_sign,
+            pid: self.main_pid,
+            evidence,
+        };
+        self.new_verdicts.push(verdict.clone());
+        verdict
+    }
+}
+
+fn failure_name(f: ProbeFailure) -> &'static str {
+    match f {
+        ProbeFailure::Timeout => "timeout",
+        ProbeFailure::Refused => "refused",
+        ProbeFailure::Error => "error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn ok() -> Observation {
+        Observation::ProbeSucceeded {
+            latency: ms(2),
+            version: "1.6.20".into(),
+        }
+    }
+
+    fn failed(started: Instant, failure: ProbeFailure) -> Observation {
+        Observation::ProbeFailed {
+            started,
+            failure,
+            error: "x".into(),
+        }
+    }
+
+    fn exit(pid: u32, at: Instant) -> Observation {
+        Observation::ProcessExited {
+            pid,
+            at,
+            sensor: Source::Ebpf,
+            detail: "exited".into(),
+        }
+    }
+
+    fn healthy_detector(t0: Instant) -> Detector {
+        let mut d = Detector::new(DetectorConfig::default());
+        d.set_main_pid(Some(100));
+        assert_eq!(d.observe(t0, ok()), Decision::Wait);
+        assert_eq!(d.state(), State::Healthy);
+        d.take_verdicts();
+        d
+    }
+
+    #[test]
+    fn exit_of_main_process_is_a_crash_at_once() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        let Decision::Restart(v) = d.observe(t0 + ms(1001), exit(100, t0 + ms(1000))) else {
+            panic!("expected a restart");
+        };
+        assert_eq!(v.state, State::Crashed);
+        assert_eq!(v.detection_latency(), ms(1));
+        assert_eq!(v.evidence[0].source, Source::Ebpf);
+        assert_eq!(d.state(), State::Crashed);
+    }
+
+    #[test]
+    fn duplicate_exit_does_not_restart_twice() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        assert!(matches!(d.observe(t0, exit(100, t0)), Decision::Restart(_)));
+        assert_eq!(d.observe(t0 + ms(1), exit(100, t0)), Decision::Wait);
+    }
+
+    #[test]
+    fn exit_of_another_pid_is_ignored() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        assert_eq!(d.observe(t0, exit(99, t0)), Decision::Wait);
+        assert_eq!(d.state(), State::Healthy);
+    }
+
+    #[test]
+    fn exit_during_our_restart_is_expected() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0, Observation::RestartStarted);
+        assert_eq!(d.observe(t0 + ms(5), exit(100, t0 + ms(5))), Decision::Wait);
+        assert_eq!(d.state(), State::Recovering);
+    }
+
+    #[test]
+    fn repeated_timeouts_make_a_hang_with_all_the_evidence() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        let step = ms(2000);
+        assert_eq!(
+            d.observe(t0 + ms(1000), failed(t0, ProbeFailure::Timeout)),
+            Decision::Wait
+        );
+        assert_eq!(d.state(), State::Suspect);
+        assert_eq!(
+            d.observe(
+                t0 + step + ms(1000),
+                failed(t0 + step, ProbeFailure::Timeout)
+            ),
+            Decision::Wait
+        );
+        let Decision::Restart(v) = d.observe(
+            t0 + step * 2 + ms(1000),
+            failed(t0 + step * 2, ProbeFailure::Timeout),
+        ) else {
+            panic!("expected a restart");
+        };
+        assert_eq!(v.state, State::Hung);
+        assert_eq!(v.evidence.len(), 3);
+        assert_eq!(v.detection_latency(), ms(5000));
+    }
+
+    #[test]
+    fn refused_connections_make_containerd_unreachable() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        for i in 0..2 {
+            d.observe(t0 + ms(i), failed(t0 + ms(i), ProbeFailure::Refused));
+        }
+        let Decision::Restart(v) = d.observe(t0 + ms(3), failed(t0 + ms(3), ProbeFailure::Refused))
+        else {
+            panic!("expected a restart");
+        };
+        assert_eq!(v.state, State::Unreachable);
+    }
+
+    #[test]
+    fn a_success_between_failures_resets_the_count() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        for i in 0..10 {
+            let t = t0 + ms(i * 100);
+            d.observe(t, failed(t, ProbeFailure::Timeout));
+            d.observe(t, failed(t, ProbeFailure::Timeout));
+            assert_eq!(d.observe(t, ok()), Decision::Wait);
+        }
+        assert_eq!(d.state(), State::Healthy);
+    }
+
+    #[test]
+    fn no_second_restart_while_one_is_in_flight() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0, Observation::RestartStarted);
+        for i in 0..5 {
+            let t = t0 + ms(i);
+            assert_eq!(
+                d.observe(t, failed(t, ProbeFailure::Refused)),
+                Decision::Wait
+            );
+        }
+        d.observe(t0 + ms(10), Observation::RestartFinished { ok: true });
+        assert_eq!(d.state(), State::Recovering);
+        d.observe(t0 + ms(20), ok());
+        assert_eq!(d.state(), State::Healthy);
+        let verdicts = d.take_verdicts();
+        assert_eq!(verdicts.last().unwrap().state, State::Healthy);
+    }
+
+    #[test]
+    fn a_failed_restart_lets_probes_judge_again() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0, Observation::RestartStarted);
+        d.observe(t0, Observation::RestartFinished { ok: false });
+        let mut decision = Decision::Wait;
+        for i in 0..3 {
+            let t = t0 + ms(i);
+            decision = d.observe(t, failed(t, ProbeFailure::Refused));
+        }
+        assert!(matches!(decision, Decision::Restart(_)));
+    }
+}

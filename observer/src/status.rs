@@ -1,0 +1,207 @@
+//! The status document and the local HTTP endpoint that serves it.
+//!
+//! The agent owns the document and updates it through a `watch` channel; the HTTP handler
+//! only reads. Times are wall-clock RFC 3339 strings; durations are milliseconds.
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    time::{Duration, Instant, SystemTime},
+};
+
+use axum::{Json, Router, extract::State as AxumState, routing::get};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::detector::{self, Source, State};
+
+/// How many verdicts and restarts the document keeps.
+pub const HISTORY: usize = 100;
+
+/// The JSON document served at `GET /status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StatusDocument {
+    /// The detector's judgement of containerd right now.
+    pub state: State,
+    pub unit: String,
+    pub containerd_pid: Option<u32>,
+    pub containerd_version: Option<String>,
+    /// `fused` (kernel sensors and probes) or `polling_only`.
+    pub mode: &'static str,
+    pub dry_run: bool,
+    pub sensors: Sensors,
+    pub last_probe: Option<ProbeRecord>,
+    pub verdicts: VecDeque<VerdictRecord>,
+    pub restarts: VecDeque<RestartRecord>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Sensors {
+    pub process_exit: SensorStatus,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SensorStatus {
+    /// `on` or `off`.
+    pub state: &'static str,
+    /// The kernel hook (or other mechanism) the sensor uses.
+    pub hook: String,
+    /// Why the sensor is off, when it is.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeRecord {
+    pub at: String,
+    pub latency_ms: f64,
+    /// `ok`, `timeout`, `refused` or `error`.
+    pub result: String,
+    pub version: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerdictRecord {
+    pub at: String,
+    pub state: State,
+    pub pid: Option<u32>,
+    /// From the first sign to this verdict.
+    pub detection_latency_ms: f64,
+    pub evidence: Vec<EvidenceRecord>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EvidenceRecord {
+    pub source: Source,
+    pub at: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestartRecord {
+    pub at: String,
+    /// The verdict that asked for it.
+    pub reason: State,
+    pub old_pid: Option<u32>,
+    /// systemd's job result (`done`, `failed`, `timeout`, …), or `dry_run`, or `error`.
+    pub job_result: String,
+    pub error: Option<String>,
+    pub duration_ms: f64,
+    pub new_pid: Option<u32>,
+}
+
+/// Maps the agent's monotonic instants onto wall-clock time for display.
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    instant: Instant,
+    wall: SystemTime,
+}
+
+impl WallClock {
+    pub fn new() -> Self {
+        Self {
+            instant: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+
+    pub fn format(&self, at: Instant) -> String {
+        let wall = if at >= self.instant {
+            self.wall + (at - self.instant)
+        } else {
+            self.wall - (self.instant - at)
+        };
+        humantime::format_rfc3339_micros(wall).to_string()
+    }
+}
+
+impl Default for WallClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pub fn millis(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+impl VerdictRecord {
+    pub fn from_verdict(v: &detector::Verdict, clock: &WallClock) -> Self {
+        Self {
+            at: clock.format(v.at),
+            state: v.state,
+            pid: v.pid,
+            detection_latency_ms: millis(v.detection_latency()),
+            evidence: v
+                .evidence
+                .iter()
+                .map(|e| EvidenceRecord {
+                    source: e.source,
+                    at: clock.format(e.at),
+                    detail: e.detail.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Appends to a bounded history, dropping the oldest entry when full.
+pub fn push_bounded<T>(history: &mut VecDeque<T>, item: T) {
+    if history.len() == HISTORY {
+        history.pop_front();
+    }
+    history.push_back(item);
+}
+
+/// Serves the status endpoint until the listener fails.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    status: watch::Receiver<StatusDocument>,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/status", get(get_status))
+        .with_state(status);
+    axum::serve(listener, app).await
+}
+
+async fn get_status(
+    AxumState(status): AxumState<watch::Receiver<StatusDocument>>,
+) -> Json<StatusDocument> {
+    Json(status.borrow().clone())
+}
+
+/// Fetches the status document from a running agent (for `observer status`).
+pub async fn fetch(addr: SocketAddr) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let connect =
+        tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr));
+    let mut stream = match connect.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(format!(
+                "no observer answers at {addr} ({e}); is it running? (pass --status-listen if it listens elsewhere)"
+            ));
+        }
+        Err(_) => return Err(format!("the observer at {addr} did not accept within 3 s")),
+    };
+    let request = format!("GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let exchange = async {
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| format!("the observer at {addr} did not answer within 5 s"))?
+        .map_err(|e| format!("reading from the observer at {addr} failed: {e}"))?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("the answer from {addr} is not HTTP"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        let line = head.lines().next().unwrap_or_default();
+        return Err(format!("the observer at {addr} answered {line}"));
+    }
+    Ok(body.to_owned())
+}

@@ -1,0 +1,218 @@
+//! systemd over D-Bus: where containerd's main PID comes from, and how it is restarted.
+//!
+//! The agent never signals or spawns containerd itself for a restart; it asks systemd, which
+//! owns the unit, and waits for the job's result (`JobRemoved`).
+
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use zbus::{Connection, proxy, proxy::CacheProperties, zvariant::OwnedObjectPath};
+
+use crate::config::Bus;
+
+#[proxy(
+    interface = "org.freedesktop.systemd1.Manager",
+    default_service = "org.freedesktop.systemd1",
+    default_path = "/org/freedesktop/systemd1"
+)]
+trait Manager {
+    fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn subscribe(&self) -> zbus::Result<()>;
+    #[zbus(signal)]
+    fn job_removed(
+        &self,
+        id: u32,
+        job: OwnedObjectPath,
+        unit: String,
+        result: String,
+    ) -> zbus::Result<()>;
+}
+
+#[proxy(
+    interface = "org.freedesktop.systemd1.Unit",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait Unit {
+    #[zbus(property)]
+    fn active_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn sub_state(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn load_state(&self) -> zbus::Result<String>;
+}
+
+#[proxy(
+    interface = "org.freedesktop.systemd1.Service",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait Service {
+    #[zbus(property, name = "MainPID")]
+    fn main_pid(&self) -> zbus::Result<u32>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SystemdError {
+    #[error(
+        "cannot connect to the {bus} D-Bus: {source}; check that D-Bus runs and that --bus names the bus systemd is on"
+    )]
+    Connect { bus: Bus, source: zbus::Error },
+    #[error("systemd refused {what}: {source}")]
+    Call { what: String, source: zbus::Error },
+    #[error(
+        "unit {unit} is not loaded in systemd (LoadState={load_state}); check --unit names the unit running containerd"
+    )]
+    NotLoaded { unit: String, load_state: String },
+    #[error("systemd did not finish the restart job {job} within {timeout:?}")]
+    JobTimeout { job: String, timeout: Duration },
+}
+
+/// systemd's view of one unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnitStatus {
+    pub active_state: String,
+    pub sub_state: String,
+    pub main_pid: Option<u32>,
+}
+
+/// A connection to systemd's manager, scoped to the unit running containerd.
+#[derive(Clone)]
+pub struct Systemd {
+    connection: Connection,
+    manager: ManagerProxy<'static>,
+    unit: String,
+    unit_path: OwnedObjectPath,
+}
+
+impl Systemd {
+    /// Connects to the bus and checks that the unit is loaded.
+    pub async fn connect(bus: &Bus, unit: &str) -> Result<Self, SystemdError> {
+        let connect_err = |source| SystemdError::Connect {
+            bus: bus.clone(),
+            source,
+        };
+        let builder = match bus {
+            Bus::System => zbus::connection::Builder::system(),
+            Bus::Session => zbus::connection::Builder::session(),
+            Bus::Address(a) => zbus::connection::Builder::address(a.as_str()),
+        }
+        .map_err(connect_err)?;
+        let connection = builder.build().await.map_err(connect_err)?;
+        let manager = ManagerProxy::new(&connection)
+            .await
+            .map_err(|source| call("a proxy for the manager", source))?;
+        manager
+            .subscribe()
+            .await
+            .map_err(|source| call("Subscribe()", source))?;
+        let unit_path = manager
+            .load_unit(unit)
+            .await
+            .map_err(|source| call(&format!("LoadUnit({unit})"), source))?;
+        let systemd = Self {
+            connection,
+            manager,
+            unit: unit.to_owned(),
+            unit_path,
+        };
+        let load_state = systemd
+            .unit_proxy()
+            .await?
+            .load_state()
+            .await
+            .map_err(|source| call("LoadState", source))?;
+        if load_state != "loaded" {
+            return Err(SystemdError::NotLoaded {
+                unit: unit.to_owned(),
+                load_state,
+            });
+        }
+        Ok(systemd)
+    }
+
+    pub fn unit(&self) -> &str {
+        &self.unit
+    }
+
+    async fn unit_proxy(&self) -> Result<UnitProxy<'static>, SystemdError> {
+        UnitProxy::builder(&self.connection)
+            .path(self.unit_path.clone())
+            .map(|b| b.cache_properties(CacheProperties::No))
+            .map_err(|source| call("a proxy for the unit", source))?
+            .build()
+            .await
+            .map_err(|source| call("a proxy for the unit", source))
+    }
+
+    /// Reads the unit's state and main PID, fresh (no cached properties).
+    pub async fn status(&self) -> Result<UnitStatus, SystemdError> {
+        let unit = self.unit_proxy().await?;
+        let service = ServiceProxy::builder(&self.connection)
+            .path(self.unit_path.clone())
+            .map(|b| b.cache_properties(CacheProperties::No))
+            .map_err(|source| call("a proxy for the service", source))?
+            .build()
+            .await
+            .map_err(|source| call("a proxy for the service", source))?;
+        let active_state = unit
+            .active_state()
+            .await
+            .map_err(|source| call("ActiveState", source))?;
+        let sub_state = unit
+            .sub_state()
+            .await
+            .map_err(|source| call("SubState", source))?;
+        let main_pid = service
+            .main_pid()
+            .await
+            .map_err(|source| call("MainPID", source))?;
+        Ok(UnitStatus {
+            active_state,
+            sub_state,
+            main_pid: (main_pid != 0).then_some(main_pid),
+        })
+    }
+
+    /// `RestartUnit(unit, "replace")`, then waits for the job's result ("done", "failed", …).
+    pub async fn restart(&self, timeout: Duration) -> Result<String, SystemdError> {
+        // Listen before asking, so the job cannot finish unseen.
+        let mut removed = self
+            .manager
+            .receive_job_removed()
+            .await
+            .map_err(|source| call("a match on JobRemoved", source))?;
+        let job = self
+            .manager
+            .restart_unit(&self.unit, "replace")
+            .await
+            .map_err(|source| call(&format!("RestartUnit({}, replace)", self.unit), source))?;
+        let wait = async {
+            while let Some(signal) = removed.next().await {
+                if let Ok(args) = signal.args()
+                    && args.job == job
+                {
+                    return Some(args.result.clone());
+                }
+            }
+            None
+        };
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Some(result)) => Ok(result),
+            Ok(None) => Err(call(
+                "the JobRemoved stream",
+                zbus::Error::Failure("the bus connection closed".into()),
+            )),
+            Err(_) => Err(SystemdError::JobTimeout {
+                job: job.to_string(),
+                timeout,
+            }),
+        }
+    }
+}
+
+fn call(what: &str, source: zbus::Error) -> SystemdError {
+    SystemdError::Call {
+        what: what.to_owned(),
+        source,
+    }
+}
