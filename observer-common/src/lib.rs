@@ -3,19 +3,105 @@
 //! Everything here is `#[repr(C)]` and padding-free, because the kernel side writes these
 //! structs into ring buffers and maps byte for byte and the agent reads them back.
 //! With the `user` feature the types implement `aya::Pod` so the agent can read them safely.
+//! The decision rules the programs apply are plain functions here, so they are unit-tested
+//! on the host.
 #![no_std]
 
 /// Name of the hash map holding the process IDs (TGIDs) the kernel programs watch.
 pub const WATCHED_PIDS_MAP: &str = "WATCHED_PIDS";
-/// Name of the ring buffer carrying [`ExitEvent`]s to the agent.
+/// Ring buffer carrying [`ExitEvent`]s.
 pub const EXIT_EVENTS_MAP: &str = "EXIT_EVENTS";
-/// Name of the program attached to `sched/sched_process_exit`.
+/// Ring buffer carrying [`SignalEvent`]s (signals to, and OOM kills of, watched processes).
+pub const SIGNAL_EVENTS_MAP: &str = "SIGNAL_EVENTS";
+/// Ring buffer carrying [`AcceptEvent`]s.
+pub const ACCEPT_EVENTS_MAP: &str = "ACCEPT_EVENTS";
+/// Array of the watched listening sockets' kernel addresses, indexed by listener number.
+pub const LISTENERS_MAP: &str = "LISTENERS";
+/// One-slot array telling the connect program which thread is learning which listener.
+pub const LEARN_MAP: &str = "LEARN";
+/// Hash map from a queued connection's `sk_buff` address to its [`PendingConnection`].
+pub const PENDING_MAP: &str = "PENDING";
+/// Per-CPU array of [`Counters`] slots.
+pub const COUNTERS_MAP: &str = "COUNTERS";
+/// Global holding the [`Layout`] the programs read records and kernel structs with.
+pub const LAYOUT_GLOBAL: &str = "LAYOUT";
+
+/// Program on `sched/sched_process_exit`.
 pub const PROCESS_EXIT_PROGRAM: &str = "process_exit";
-/// Global holding the offset of `group_dead` in the `sched_process_exit` record.
-pub const GROUP_DEAD_OFFSET_GLOBAL: &str = "GROUP_DEAD_OFFSET";
-/// Value of [`GROUP_DEAD_OFFSET_GLOBAL`] on kernels whose record has no `group_dead` field:
-/// the program then treats the thread-group leader's exit as the process's exit.
-pub const NO_GROUP_DEAD: u32 = u32::MAX;
+/// Program on `signal/signal_generate`.
+pub const SIGNAL_PROGRAM: &str = "signal_generate";
+/// Program on `oom/mark_victim`.
+pub const OOM_PROGRAM: &str = "oom_mark_victim";
+/// Program on `sock/sk_data_ready`: a connection was queued on a listener.
+pub const CONNECT_PROGRAM: &str = "connect_queued";
+/// Program on `skb/consume_skb`: containerd took a queued connection off the listener.
+pub const ACCEPT_PROGRAM: &str = "accept_consumed";
+
+/// How many listening sockets can be watched at once.
+pub const MAX_LISTENERS: u32 = 4;
+/// Offset value meaning "this kernel has no such field".
+pub const NO_OFFSET: u32 = u32::MAX;
+/// `exit_code` value meaning "unknown" (no BTF offset for `task_struct.exit_code`).
+pub const EXIT_CODE_UNKNOWN: u32 = u32::MAX;
+/// `AF_UNIX`.
+pub const AF_UNIX: u16 = 1;
+
+/// Indexes into [`COUNTERS_MAP`].
+pub mod counter {
+    /// A ring buffer was full and an event was dropped.
+    pub const RING_FULL: u32 = 0;
+    /// The pending-connection map was full and a connection went untracked.
+    pub const PENDING_FULL: u32 = 1;
+    /// How many slots the counters array has.
+    pub const SLOTS: u32 = 2;
+}
+
+/// Where the programs find what they read: field offsets in tracepoint records (from the
+/// tracefs format files) and member offsets in kernel structs (from BTF), filled in by the
+/// agent at load time so that no offset is baked into the object.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// `sched_process_exit.group_dead`, or [`NO_OFFSET`].
+    pub exit_group_dead: u32,
+    /// `task_struct.exit_code`, or [`NO_OFFSET`].
+    pub task_exit_code: u32,
+    /// `signal_generate.sig`.
+    pub signal_sig: u32,
+    /// `signal_generate.pid` (the target task).
+    pub signal_pid: u32,
+    /// `signal_generate.result`.
+    pub signal_result: u32,
+    /// `mark_victim.pid`.
+    pub oom_pid: u32,
+    /// `sk_data_ready.skaddr`.
+    pub data_ready_skaddr: u32,
+    /// `sk_data_ready.family`.
+    pub data_ready_family: u32,
+    /// `consume_skb.skbaddr`.
+    pub consume_skbaddr: u32,
+    /// `sock.sk_receive_queue` + `sk_buff_head.prev`: the newest queued skb, or [`NO_OFFSET`].
+    pub sock_receive_queue_tail: u32,
+    /// Bit `n` set: signal `n` is worth reporting (fatal by default).
+    pub reported_signals: u64,
+}
+
+impl Layout {
+    /// Everything unknown: every sensor that needs an offset stays quiet.
+    pub const UNKNOWN: Layout = Layout {
+        exit_group_dead: NO_OFFSET,
+        task_exit_code: NO_OFFSET,
+        signal_sig: NO_OFFSET,
+        signal_pid: NO_OFFSET,
+        signal_result: NO_OFFSET,
+        oom_pid: NO_OFFSET,
+        data_ready_skaddr: NO_OFFSET,
+        data_ready_family: NO_OFFSET,
+        consume_skbaddr: NO_OFFSET,
+        sock_receive_queue_tail: NO_OFFSET,
+        reported_signals: 0,
+    };
+}
 
 /// The whole of a watched process exited, as `sched_process_exit` reported it.
 #[repr(C)]
@@ -27,19 +113,89 @@ pub struct ExitEvent {
     pub tgid: u32,
     /// The thread whose exit ended the process.
     pub tid: u32,
+    /// The kernel's `task_struct.exit_code`: `status << 8` for an exit, the signal number
+    /// (| 0x80 with a core dump) for a fatal signal; [`EXIT_CODE_UNKNOWN`] if unreadable.
+    pub exit_code: u32,
+    /// Zero; keeps the struct free of implicit padding.
+    pub _reserved: u32,
     /// That thread's command name, NUL-padded.
     pub comm: [u8; 16],
 }
 
+/// What a [`SignalEvent`] reports.
+pub mod signal_kind {
+    /// A signal was generated for a watched process.
+    pub const SIGNAL: u32 = 0;
+    /// The OOM killer chose a watched process as its victim.
+    pub const OOM_VICTIM: u32 = 1;
+}
+
+/// A signal sent to a watched process, or its choice as an OOM victim.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignalEvent {
+    pub monotonic_ns: u64,
+    /// One of [`signal_kind`].
+    pub kind: u32,
+    /// The watched process.
+    pub target: u32,
+    /// Signal number (0 for an OOM victim).
+    pub signal: u32,
+    /// The sending process, or the task that ran the OOM killer.
+    pub sender_tgid: u32,
+    /// The sender's command name.
+    pub sender_comm: [u8; 16],
+}
+
+/// A connection queued on a watched listener and not yet accepted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PendingConnection {
+    /// When it was queued (CLOCK_MONOTONIC ns).
+    pub queued_ns: u64,
+    /// The listening socket's kernel address, so that entries of a listener that has since
+    /// closed can be told apart and dropped.
+    pub listener: u64,
+    /// Index of the listener in [`LISTENERS_MAP`].
+    pub listener_index: u32,
+    /// The connecting process.
+    pub client_tgid: u32,
+}
+
+/// containerd took a connection off a watched listener's queue.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AcceptEvent {
+    pub queued_ns: u64,
+    pub accepted_ns: u64,
+    pub listener_index: u32,
+    pub client_tgid: u32,
+}
+
+/// Which thread is connecting to which listener, so the connect program can learn the
+/// listener's kernel address from the connection it queues.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LearnSlot {
+    /// The agent's heartbeat thread while it connects; 0 otherwise.
+    pub tid: u32,
+    pub listener_index: u32,
+}
+
 #[cfg(feature = "user")]
-// SAFETY: `ExitEvent` is `repr(C)`, `Copy`, has no padding (8 + 4 + 4 + 16 bytes) and every
-// bit pattern is a valid value.
-unsafe impl aya::Pod for ExitEvent {}
+mod pod {
+    // SAFETY (all): `repr(C)`, `Copy`, no implicit padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::Layout {}
+    unsafe impl aya::Pod for super::ExitEvent {}
+    unsafe impl aya::Pod for super::SignalEvent {}
+    unsafe impl aya::Pod for super::PendingConnection {}
+    unsafe impl aya::Pod for super::AcceptEvent {}
+    unsafe impl aya::Pod for super::LearnSlot {}
+}
 
 /// Decides, from one `sched_process_exit` record, whether it is the exit of a whole watched
-/// process. Kept here, free of kernel helpers, so the rule is unit-tested on the host.
-///
-/// `group_dead` is `None` on kernels whose record lacks the field; the leader's exit stands in.
+/// process. `group_dead` is `None` on kernels whose record lacks the field; the thread-group
+/// leader's exit then stands in (Go programs end with exit_group, which takes all threads).
 #[inline(always)]
 pub fn is_process_exit(tgid: u32, tid: u32, watched: bool, group_dead: Option<bool>) -> bool {
     if !watched {
@@ -51,13 +207,56 @@ pub fn is_process_exit(tgid: u32, tid: u32, watched: bool, group_dead: Option<bo
     }
 }
 
+/// Whether signal `sig` is in the `reported` bit set.
+#[inline(always)]
+pub fn is_reported_signal(reported: u64, sig: u32) -> bool {
+    sig < 64 && reported & (1u64 << sig) != 0
+}
+
+/// Signals whose default action ends a process: the ones worth naming as an exit's cause.
+/// SIGURG, SIGPROF and SIGCHLD, which Go's runtime sends and receives all the time, are not.
+pub const FATAL_SIGNALS: u64 = {
+    let signals = [
+        1u32, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 14, 15, 16, 24, 25, 26, 30, 31,
+    ];
+    let mut mask = 0u64;
+    let mut i = 0;
+    while i < signals.len() {
+        mask |= 1u64 << signals[i];
+        i += 1;
+    }
+    mask
+};
+
+/// Finds the slot of listener address `sk` among the watched ones.
+#[inline(always)]
+pub fn listener_index(listeners: &[u64], sk: u64) -> Option<u32> {
+    if sk == 0 {
+        return None;
+    }
+    let mut i = 0;
+    while i < listeners.len() {
+        if listeners[i] == sk {
+            return Some(i as u32);
+        }
+        i += 1;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn exit_event_has_no_padding() {
-        assert_eq!(core::mem::size_of::<ExitEvent>(), 8 + 4 + 4 + 16);
+    fn shared_structs_have_no_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<ExitEvent>(), 8 + 4 * 4 + 16);
+        assert_eq!(size_of::<SignalEvent>(), 8 + 4 * 4 + 16);
+        assert_eq!(size_of::<PendingConnection>(), 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<AcceptEvent>(), 8 + 8 + 4 + 4);
+        assert_eq!(size_of::<LearnSlot>(), 8);
+        assert_eq!(size_of::<Layout>(), 10 * 4 + 8);
     }
 
     #[test]
@@ -79,5 +278,28 @@ mod tests {
     fn without_group_dead_the_leader_stands_in() {
         assert!(is_process_exit(10, 10, true, None));
         assert!(!is_process_exit(10, 11, true, None));
+    }
+
+    #[test]
+    fn fatal_signals_exclude_the_go_runtime_chatter() {
+        assert!(is_reported_signal(FATAL_SIGNALS, 9));
+        assert!(is_reported_signal(FATAL_SIGNALS, 15));
+        assert!(is_reported_signal(FATAL_SIGNALS, 6));
+        assert!(!is_reported_signal(FATAL_SIGNALS, 23), "SIGURG");
+        assert!(!is_reported_signal(FATAL_SIGNALS, 27), "SIGPROF");
+        assert!(!is_reported_signal(FATAL_SIGNALS, 17), "SIGCHLD");
+        assert!(
+            !is_reported_signal(FATAL_SIGNALS, 10),
+            "SIGUSR1 asks for a stack dump"
+        );
+        assert!(!is_reported_signal(FATAL_SIGNALS, 64));
+    }
+
+    #[test]
+    fn listener_lookup_ignores_empty_slots() {
+        let listeners = [0, 0xffff_8880_0000_1000, 0, 0];
+        assert_eq!(listener_index(&listeners, 0xffff_8880_0000_1000), Some(1));
+        assert_eq!(listener_index(&listeners, 0), None);
+        assert_eq!(listener_index(&listeners, 0xdead), None);
     }
 }

@@ -1,73 +1,285 @@
-//! The observer's kernel programs.
+//! The observer's kernel programs. All hang off classic tracepoints, whose records are the
+//! kernel's stable interface; the agent passes every offset in through [`LAYOUT`].
 //!
-//! `process_exit` on `sched/sched_process_exit` tells the agent, within microseconds, that
-//! containerd's process is gone. It runs for every thread exit on the node, so it rejects
-//! everything but the watched PIDs with one hash lookup before doing anything else, and it
-//! logs only for the watched process.
+//! - `process_exit` (`sched/sched_process_exit`): containerd's process is gone, with its
+//!   exit code.
+//! - `signal_generate` (`signal/signal_generate`) and `oom_mark_victim` (`oom/mark_victim`):
+//!   who is ending it.
+//! - `connect_queued` (`sock/sk_data_ready`) and `accept_consumed` (`skb/consume_skb`): when
+//!   a connection is queued on containerd's listening socket and when containerd takes it.
+//!
+//! Each runs on every matching event of the whole node, so each rejects foreign events with
+//! one comparison or lookup before anything else, and none logs on those paths.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+    },
     macros::{map, tracepoint},
-    maps::{HashMap, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use aya_log_ebpf::info;
-use observer_common::{ExitEvent, NO_GROUP_DEAD, is_process_exit};
+use observer_common::{
+    AF_UNIX, AcceptEvent, EXIT_CODE_UNKNOWN, ExitEvent, Layout, LearnSlot, MAX_LISTENERS,
+    NO_OFFSET, PendingConnection, SignalEvent, counter, is_process_exit, is_reported_signal,
+    listener_index, signal_kind,
+};
 
 /// TGIDs to watch; the agent keeps containerd's current main PID here.
 #[map]
 static WATCHED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
 
-/// Exits of watched processes, for the agent.
 #[map]
 static EXIT_EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024, 0);
 
-/// Offset of `group_dead` in the tracepoint record, read by the agent from the format file
-/// at load time; [`NO_GROUP_DEAD`] when this kernel's record has no such field.
+#[map]
+static SIGNAL_EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024, 0);
+
+#[map]
+static ACCEPT_EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Kernel addresses of the watched listening sockets; 0 marks an empty slot.
+#[map]
+static LISTENERS: Array<u64> = Array::with_max_entries(MAX_LISTENERS, 0);
+
+#[map]
+static LEARN: Array<LearnSlot> = Array::with_max_entries(1, 0);
+
+/// Connections queued on a watched listener and not yet accepted, by `sk_buff` address.
+#[map]
+static PENDING: HashMap<u64, PendingConnection> = HashMap::with_max_entries(8192, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::SLOTS, 0);
+
 #[unsafe(no_mangle)]
-static GROUP_DEAD_OFFSET: u32 = NO_GROUP_DEAD;
+static LAYOUT: Layout = Layout::UNKNOWN;
+
+#[inline(always)]
+fn layout() -> Layout {
+    // SAFETY: a plain read of a global the loader set; volatile so the compiler does not
+    // fold the default in.
+    unsafe { core::ptr::read_volatile(&LAYOUT) }
+}
+
+#[inline(always)]
+fn count(slot: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn current_tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+#[inline(always)]
+fn is_watched(tgid: u32) -> bool {
+    // SAFETY: the value is only tested for presence.
+    unsafe { WATCHED_PIDS.get(&tgid) }.is_some()
+}
+
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
+    if offset == NO_OFFSET {
+        return None;
+    }
+    // SAFETY: offsets come from this kernel's own format file for the tracepoint.
+    unsafe { ctx.read_at::<T>(offset as usize) }.ok()
+}
 
 #[tracepoint]
 pub fn process_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    let tid = pid_tgid as u32;
-    let watched = unsafe { WATCHED_PIDS.get(&tgid) }.is_some();
-    if !watched {
+    if !is_watched(tgid) {
         return 0;
     }
-    // SAFETY: a plain read of a global the loader set; volatile so the compiler does not fold
-    // the default value in.
-    let offset = unsafe { core::ptr::read_volatile(&GROUP_DEAD_OFFSET) };
-    let group_dead = if offset == NO_GROUP_DEAD {
+    let tid = pid_tgid as u32;
+    let layout = layout();
+    let group_dead = if layout.exit_group_dead == NO_OFFSET {
         None
     } else {
-        // SAFETY: the offset comes from this kernel's own format file for this tracepoint.
-        match unsafe { ctx.read_at::<u8>(offset as usize) } {
-            Ok(v) => Some(v != 0),
-            Err(_) => return 0,
+        match read::<u8>(&ctx, layout.exit_group_dead) {
+            Some(v) => Some(v != 0),
+            None => return 0,
         }
     };
-    if !is_process_exit(tgid, tid, watched, group_dead) {
+    if !is_process_exit(tgid, tid, true, group_dead) {
         return 0;
     }
+    let exit_code = if layout.task_exit_code == NO_OFFSET {
+        EXIT_CODE_UNKNOWN
+    } else {
+        // SAFETY: the helper returns the current task; only its address is used here.
+        let task = unsafe { bpf_get_current_task() } as *const u8;
+        // SAFETY: the offset of task_struct.exit_code comes from this kernel's BTF.
+        unsafe { bpf_probe_read_kernel(task.add(layout.task_exit_code as usize).cast::<u32>()) }
+            .unwrap_or(EXIT_CODE_UNKNOWN)
+    };
     // Rare (containerd's own exit), so a log line costs nothing here.
     info!(
         &ctx,
-        "watched process {} exited (last thread {})", tgid, tid
+        "watched process {} exited (last thread {}, code {})", tgid, tid, exit_code
     );
-    if let Some(mut entry) = EXIT_EVENTS.reserve::<ExitEvent>(0) {
-        let comm = ctx.command().unwrap_or([0; 16]);
-        entry.write(ExitEvent {
-            monotonic_ns: unsafe { bpf_ktime_get_ns() },
-            tgid,
-            tid,
-            comm,
-        });
-        entry.submit(0);
+    match EXIT_EVENTS.reserve::<ExitEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ExitEvent {
+                monotonic_ns: unsafe { bpf_ktime_get_ns() },
+                tgid,
+                tid,
+                exit_code,
+                _reserved: 0,
+                comm: ctx.command().unwrap_or([0; 16]),
+            });
+            entry.submit(0);
+        }
+        None => count(counter::RING_FULL),
+    }
+    0
+}
+
+#[tracepoint]
+pub fn signal_generate(ctx: TracePointContext) -> u32 {
+    let layout = layout();
+    let Some(target) = read::<i32>(&ctx, layout.signal_pid) else {
+        return 0;
+    };
+    if !is_watched(target as u32) {
+        return 0;
+    }
+    let Some(sig) = read::<i32>(&ctx, layout.signal_sig) else {
+        return 0;
+    };
+    if !is_reported_signal(layout.reported_signals, sig as u32) {
+        return 0;
+    }
+    // A signal the kernel dropped or ignored ends nothing.
+    if read::<i32>(&ctx, layout.signal_result).unwrap_or(0) != 0 {
+        return 0;
+    }
+    emit_signal(&ctx, signal_kind::SIGNAL, target as u32, sig as u32);
+    0
+}
+
+#[tracepoint]
+pub fn oom_mark_victim(ctx: TracePointContext) -> u32 {
+    let Some(target) = read::<i32>(&ctx, layout().oom_pid) else {
+        return 0;
+    };
+    if is_watched(target as u32) {
+        emit_signal(&ctx, signal_kind::OOM_VICTIM, target as u32, 0);
+    }
+    0
+}
+
+#[inline(always)]
+fn emit_signal(ctx: &TracePointContext, kind: u32, target: u32, signal: u32) {
+    match SIGNAL_EVENTS.reserve::<SignalEvent>(0) {
+        Some(mut entry) => {
+            entry.write(SignalEvent {
+                monotonic_ns: unsafe { bpf_ktime_get_ns() },
+                kind,
+                target,
+                signal,
+                sender_tgid: current_tgid(),
+                sender_comm: ctx.command().unwrap_or([0; 16]),
+            });
+            entry.submit(0);
+        }
+        None => count(counter::RING_FULL),
+    }
+}
+
+/// A connection was queued on a listening unix socket: `unix_stream_connect` wakes the
+/// listener through `sk_data_ready` right after putting the new connection's skb at the tail
+/// of its receive queue, in the connecting task's context.
+#[tracepoint]
+pub fn connect_queued(ctx: TracePointContext) -> u32 {
+    let layout = layout();
+    if read::<u16>(&ctx, layout.data_ready_family) != Some(AF_UNIX) {
+        return 0;
+    }
+    let Some(sk) = read::<u64>(&ctx, layout.data_ready_skaddr) else {
+        return 0;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // The agent's heartbeat thread teaches us the listener's address: the one socket woken
+    // while that thread connects to a configured path is that path's listener.
+    if let Some(learn) = LEARN.get(0)
+        && learn.tid != 0
+        && learn.tid == pid_tgid as u32
+        && learn.listener_index < MAX_LISTENERS
+        && let Some(slot) = LISTENERS.get_ptr_mut(learn.listener_index)
+    {
+        // SAFETY: array slot owned by this map; a racing writer can only store another
+        // address of the same listener.
+        unsafe { *slot = sk };
+    }
+    let mut listeners = [0u64; MAX_LISTENERS as usize];
+    let mut i = 0;
+    while i < MAX_LISTENERS {
+        listeners[i as usize] = LISTENERS.get(i).copied().unwrap_or(0);
+        i += 1;
+    }
+    let Some(index) = listener_index(&listeners, sk) else {
+        return 0;
+    };
+    if layout.sock_receive_queue_tail == NO_OFFSET {
+        return 0;
+    }
+    let tail = (sk as *const u8).wrapping_add(layout.sock_receive_queue_tail as usize);
+    // SAFETY: offset of sock.sk_receive_queue.prev from this kernel's BTF.
+    let Ok(skb) = (unsafe { bpf_probe_read_kernel(tail.cast::<u64>()) }) else {
+        return 0;
+    };
+    if skb == 0 {
+        return 0;
+    }
+    let pending = PendingConnection {
+        queued_ns: unsafe { bpf_ktime_get_ns() },
+        listener: sk,
+        listener_index: index,
+        client_tgid: (pid_tgid >> 32) as u32,
+    };
+    if PENDING.insert(&skb, &pending, 0).is_err() {
+        count(counter::PENDING_FULL);
+    }
+    0
+}
+
+/// containerd consumed an skb: if it is a queued connection we recorded, `unix_accept` just
+/// took it off the listener (it frees the connection's skb with `consume_skb`).
+#[tracepoint]
+pub fn accept_consumed(ctx: TracePointContext) -> u32 {
+    if !is_watched(current_tgid()) {
+        return 0;
+    }
+    let Some(skb) = read::<u64>(&ctx, layout().consume_skbaddr) else {
+        return 0;
+    };
+    // SAFETY: the entry is copied out before it is removed.
+    let Some(pending) = (unsafe { PENDING.get(&skb) }).copied() else {
+        return 0;
+    };
+    let _ = PENDING.remove(&skb);
+    match ACCEPT_EVENTS.reserve::<AcceptEvent>(0) {
+        Some(mut entry) => {
+            entry.write(AcceptEvent {
+                queued_ns: pending.queued_ns,
+                accepted_ns: unsafe { bpf_ktime_get_ns() },
+                listener_index: pending.listener_index,
+                client_tgid: pending.client_tgid,
+            });
+            entry.submit(0);
+        }
+        None => count(counter::RING_FULL),
     }
     0
 }

@@ -2,9 +2,12 @@
 //! actuator and keeps the status document current.
 //!
 //! Everything slow (probes, restarts) runs in its own task and reports back through a
-//! channel, so an exit event is never queued behind a hanging probe.
+//! channel, so a kernel event is never queued behind a hanging probe.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use tokio::sync::{mpsc, watch};
@@ -12,18 +15,26 @@ use tracing::{error, info, warn};
 
 use crate::{
     actuator::{self, RestartOutcome},
+    cause::{self, SignalRecord},
     config::Settings,
-    detector::{Decision, Detector, DetectorConfig, Observation, Source, State, Verdict},
-    kernel::{KernelExit, KernelSensors},
+    detector::{Decision, Detector, DetectorConfig, Observation, State, Verdict},
+    kernel::{KernelAccept, KernelEvent, KernelExit},
+    latency::LatencyWindow,
     probe::{self, ProbeResult},
+    sensors::Sensors,
     status::{
-        self, ProbeRecord, RestartRecord, SensorStatus, Sensors, StatusDocument, VerdictRecord,
-        WallClock, millis, push_bounded,
+        self, ExitRecord, LatencyRecord, PendingRecord, ProbeRecord, RestartRecord, StatusDocument,
+        VerdictRecord, WallClock, millis, push_bounded,
     },
     systemd::Systemd,
 };
 
-const EXIT_HOOK: &str = "tracepoint sched/sched_process_exit";
+/// How often the accept queue is sampled.
+const PENDING_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+/// Window of the accept-latency percentiles.
+const LATENCY_WINDOW: Duration = Duration::from_secs(60);
+/// Recent signals kept to name an exit's cause.
+const SIGNAL_HISTORY: usize = 64;
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(
@@ -39,44 +50,34 @@ pub async fn run(
             )
         })?;
     let systemd = Systemd::connect(&settings.bus, &settings.unit).await?;
-    let clock = WallClock::new();
 
-    let (exit_tx, mut exit_rx) = mpsc::channel::<KernelExit>(64);
-    let (mut kernel, exit_sensor) = if settings.no_ebpf {
-        (None, sensor_off("turned off by --no-ebpf"))
+    let (kernel_tx, mut kernel_rx) = mpsc::channel::<KernelEvent>(256);
+    let sensors = Sensors::start(&settings, kernel_tx);
+    let mode = if settings.no_ebpf {
+        "polling_only"
+    } else if sensors.ebpf_loaded() {
+        "fused"
     } else {
-        match KernelSensors::load(exit_tx) {
-            Ok(k) => (
-                Some(k),
-                SensorStatus {
-                    state: "on",
-                    hook: EXIT_HOOK.into(),
-                    reason: None,
-                },
-            ),
-            Err(e) => {
-                warn!("process-exit sensor is off: {e}");
-                (None, sensor_off(&e.to_string()))
-            }
-        }
+        "fallback"
     };
-
-    let mut detector = Detector::new(DetectorConfig::default());
+    let detector = Detector::new(DetectorConfig {
+        stall_threshold: settings.stall_threshold,
+        confirm_spacing: settings.probe_timeout,
+        ..DetectorConfig::default()
+    });
     let (status_tx, status_rx) = watch::channel(StatusDocument {
         state: detector.state(),
         unit: settings.unit.clone(),
         containerd_pid: None,
         containerd_version: None,
-        mode: if kernel.is_some() {
-            "fused"
-        } else {
-            "polling_only"
-        },
+        mode,
         dry_run: settings.dry_run,
-        sensors: Sensors {
-            process_exit: exit_sensor,
-        },
+        sensors: sensors.record(),
         last_probe: None,
+        pending_connections: PendingRecord::default(),
+        accept_latency: None,
+        heartbeat: sensors.heartbeat(),
+        last_exit: None,
         verdicts: Default::default(),
         restarts: Default::default(),
     });
@@ -86,50 +87,60 @@ pub async fn run(
         unit = %settings.unit,
         socket = %settings.socket.display(),
         bus = %settings.bus,
-        mode = status_tx.borrow().mode,
+        mode,
         "observer started"
     );
 
-    let mut loop_state = Loop {
+    let mut agent = Agent {
         settings: &settings,
         systemd,
-        kernel: kernel.take(),
-        detector: &mut detector,
+        sensors,
+        detector,
         status: status_tx,
-        clock,
+        clock: WallClock::new(),
         main_pid: None,
         probe_in_flight: false,
         restart_in_flight: None,
+        latency: LatencyWindow::new(LATENCY_WINDOW),
+        signals: VecDeque::new(),
     };
-    loop_state.refresh_unit().await;
+    agent.refresh_unit().await;
 
     let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(4);
     let (restart_tx, mut restart_rx) = mpsc::channel::<RestartOutcome>(1);
     let mut probe_timer = tokio::time::interval(settings.probe_interval);
     probe_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending_timer = tokio::time::interval(PENDING_SAMPLE_INTERVAL);
+    pending_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut status_timer = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
 
     loop {
         let decision = tokio::select! {
             _ = &mut shutdown => break,
+            Some(event) = kernel_rx.recv() => agent.on_kernel_event(event),
+            Some(result) = probe_rx.recv() => agent.on_probe(result),
+            _ = pending_timer.tick() => agent.sample_pending(),
             _ = probe_timer.tick() => {
-                loop_state.refresh_unit().await;
-                loop_state.start_probe(&probe_tx);
-                Decision::Wait
+                agent.refresh_unit().await;
+                Decision::ProbeNow
             }
-            Some(result) = probe_rx.recv() => loop_state.on_probe(result),
-            Some(exit) = exit_rx.recv() => loop_state.on_exit(exit),
             Some(outcome) = restart_rx.recv() => {
-                loop_state.on_restart_finished(outcome);
+                agent.on_restart_finished(outcome);
                 // Confirm at once that the new containerd answers.
                 probe_timer.reset();
-                loop_state.start_probe(&probe_tx);
+                Decision::ProbeNow
+            }
+            _ = status_timer.tick() => {
+                agent.publish_sensors();
                 Decision::Wait
             }
         };
-        loop_state.publish_verdicts();
-        if let Decision::Restart(verdict) = decision {
-            loop_state.act(verdict, &restart_tx);
+        agent.publish_verdicts();
+        match decision {
+            Decision::Wait => {}
+            Decision::ProbeNow => agent.start_probe(&probe_tx),
+            Decision::Restart(verdict) => agent.act(verdict, &restart_tx),
         }
     }
     server.abort();
@@ -137,30 +148,23 @@ pub async fn run(
     Ok(())
 }
 
-fn sensor_off(reason: &str) -> SensorStatus {
-    SensorStatus {
-        state: "off",
-        hook: EXIT_HOOK.into(),
-        reason: Some(reason.to_owned()),
-    }
-}
-
-/// The loop's state, apart from the channels.
-struct Loop<'a> {
+struct Agent<'a> {
     settings: &'a Settings,
     systemd: Systemd,
-    kernel: Option<KernelSensors>,
-    detector: &'a mut Detector,
+    sensors: Sensors,
+    detector: Detector,
     status: watch::Sender<StatusDocument>,
     clock: WallClock,
     main_pid: Option<u32>,
     probe_in_flight: bool,
     /// The verdict and start of the restart in flight, if any.
     restart_in_flight: Option<(Verdict, Instant)>,
+    latency: LatencyWindow,
+    signals: VecDeque<SignalRecord>,
 }
 
-impl Loop<'_> {
-    /// Reads the unit's main PID from systemd and points the kernel filter at it.
+impl Agent<'_> {
+    /// Reads the unit's main PID from systemd and moves the sensors to it.
     async fn refresh_unit(&mut self) {
         let status = match tokio::time::timeout(Duration::from_secs(2), self.systemd.status()).await
         {
@@ -184,11 +188,7 @@ impl Loop<'_> {
         info!(old = ?self.main_pid, new = ?pid, "containerd main PID changed");
         self.main_pid = pid;
         self.detector.set_main_pid(pid);
-        if let (Some(kernel), Some(pid)) = (self.kernel.as_mut(), pid)
-            && let Err(e) = kernel.watch_only(pid)
-        {
-            error!("cannot point the kernel sensors at PID {pid}: {e}");
-        }
+        self.sensors.follow(pid);
         self.status.send_modify(|d| d.containerd_pid = pid);
     }
 
@@ -242,22 +242,80 @@ impl Loop<'_> {
         self.detector.observe(Instant::now(), observation)
     }
 
+    fn on_kernel_event(&mut self, event: KernelEvent) -> Decision {
+        match event {
+            KernelEvent::Exit(exit) => self.on_exit(exit),
+            KernelEvent::Signal(s) => {
+                info!(target_pid = s.target, signal = ?s.signal, sender = s.sender_pid, sender_comm = %s.sender_comm, "signal to containerd");
+                if self.signals.len() == SIGNAL_HISTORY {
+                    self.signals.pop_front();
+                }
+                self.signals.push_back(SignalRecord {
+                    target: s.target,
+                    signal: s.signal,
+                    sender_pid: s.sender_pid,
+                    sender_comm: s.sender_comm,
+                    at: s.at,
+                });
+                Decision::Wait
+            }
+            KernelEvent::Accept(KernelAccept { latency, at, .. }) => {
+                self.latency.record(at, latency);
+                Decision::Wait
+            }
+        }
+    }
+
     fn on_exit(&mut self, exit: KernelExit) -> Decision {
-        let detail = format!(
-            "sched_process_exit: process {} ended with thread {} ({}); the agent heard of it {:.3} ms later",
-            exit.pid,
-            exit.last_thread,
-            exit.comm,
-            exit.delivery.as_secs_f64() * 1e3
-        );
-        info!(pid = exit.pid, comm = %exit.comm, "kernel reports containerd's process exited");
+        let signals: Vec<SignalRecord> = self.signals.iter().cloned().collect();
+        let cause = (exit.source == crate::detector::Source::Ebpf)
+            .then(|| cause::explain(exit.pid, exit.exit_code, exit.at, &signals));
+        let description = match (&cause, exit.source) {
+            (Some(cause), _) => format!(
+                "sched_process_exit: process {} ({}) {cause}; the agent heard of it {:.3} ms later",
+                exit.pid,
+                exit.comm,
+                exit.delivery.as_secs_f64() * 1e3
+            ),
+            (None, _) => format!("pidfd: process {} exited", exit.pid),
+        };
+        info!(pid = exit.pid, source = ?exit.source, "{description}");
+        let record = ExitRecord {
+            at: self.clock.format(exit.at),
+            pid: exit.pid,
+            source: exit.source,
+            description: description.clone(),
+            cause,
+        };
+        self.status.send_modify(|d| d.last_exit = Some(record));
         self.detector.observe(
             Instant::now(),
             Observation::ProcessExited {
                 pid: exit.pid,
                 at: exit.at,
-                sensor: Source::Ebpf,
-                detail,
+                sensor: exit.source,
+                detail: description,
+            },
+        )
+    }
+
+    fn sample_pending(&mut self) -> Decision {
+        let now = Instant::now();
+        let Some((snapshot, source)) = self.sensors.sample_pending(now) else {
+            return Decision::Wait;
+        };
+        let record = PendingRecord {
+            count: snapshot.count,
+            oldest_age_ms: snapshot.oldest_age.map(millis),
+            source: Some(source),
+        };
+        self.status.send_modify(|d| d.pending_connections = record);
+        self.detector.observe(
+            now,
+            Observation::Pending {
+                count: snapshot.count,
+                oldest_age: snapshot.oldest_age,
+                sensor: source,
             },
         )
     }
@@ -321,6 +379,24 @@ impl Loop<'_> {
         };
         self.status
             .send_modify(|d| push_bounded(&mut d.restarts, record));
+    }
+
+    /// Refreshes the slowly changing parts: sensor costs, heartbeat counts, latency window.
+    fn publish_sensors(&mut self) {
+        let sensors = self.sensors.record();
+        let heartbeat = self.sensors.heartbeat();
+        let latency = self.latency.summary(Instant::now()).map(|s| LatencyRecord {
+            window_s: self.latency.window().as_secs_f64(),
+            count: s.count,
+            p50_ms: millis(s.p50),
+            p99_ms: millis(s.p99),
+            max_ms: millis(s.max),
+        });
+        self.status.send_modify(|d| {
+            d.sensors = sensors;
+            d.heartbeat = heartbeat;
+            d.accept_latency = latency;
+        });
     }
 
     /// Copies new verdicts into the document and the log, one line each.

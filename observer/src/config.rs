@@ -71,9 +71,27 @@ pub struct RunArgs {
     /// Deadline of one Version() probe [default: 1s]
     #[arg(long, env = "OBSERVER_PROBE_TIMEOUT", value_name = "DUR", value_parser = parse_duration)]
     pub probe_timeout: Option<Duration>,
-    /// Run on probes alone, without eBPF (the polling-only baseline).
+    /// Listening socket(s) whose accept queue to watch; repeat for several [default: the --socket path]
+    #[arg(
+        long = "listener",
+        env = "OBSERVER_LISTENERS",
+        value_name = "PATH",
+        value_delimiter = ','
+    )]
+    pub listeners: Vec<PathBuf>,
+    /// Time between two heartbeat connections to each listener [default: 250ms]
+    #[arg(long, env = "OBSERVER_HEARTBEAT_INTERVAL", value_name = "DUR", value_parser = parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// Age of the oldest pending connection from which containerd's accept loop looks stalled [default: 1s]
+    #[arg(long, env = "OBSERVER_STALL_THRESHOLD", value_name = "DUR", value_parser = parse_duration)]
+    pub stall_threshold: Option<Duration>,
+    /// Run on probes alone, with no kernel sensor at all (the polling-only baseline).
     #[arg(long, env = "OBSERVER_NO_EBPF")]
     pub no_ebpf: bool,
+    /// Use the sensors that need no eBPF (pidfd, sock_diag) even where eBPF would load; the
+    /// agent falls back to them by itself when eBPF is unavailable.
+    #[arg(long, env = "OBSERVER_FALLBACK_SENSORS", conflicts_with = "no_ebpf")]
+    pub fallback_sensors: bool,
     /// Decide and record, but never restart anything.
     #[arg(long, env = "OBSERVER_DRY_RUN")]
     pub dry_run: bool,
@@ -135,7 +153,11 @@ struct FileConfig {
     status_listen: Option<String>,
     probe_interval: Option<String>,
     probe_timeout: Option<String>,
+    listeners: Option<Vec<PathBuf>>,
+    heartbeat_interval: Option<String>,
+    stall_threshold: Option<String>,
     no_ebpf: Option<bool>,
+    fallback_sensors: Option<bool>,
     dry_run: Option<bool>,
 }
 
@@ -148,7 +170,12 @@ pub struct Settings {
     pub status_listen: SocketAddr,
     pub probe_interval: Duration,
     pub probe_timeout: Duration,
+    /// Listening sockets whose accept queue is watched; never empty.
+    pub listeners: Vec<PathBuf>,
+    pub heartbeat_interval: Duration,
+    pub stall_threshold: Duration,
     pub no_ebpf: bool,
+    pub fallback_sensors: bool,
     pub dry_run: bool,
 }
 
@@ -206,12 +233,30 @@ impl Settings {
             (None, Some(v)) => parse_duration(v).map_err(|e| invalid(key, e)),
             (None, None) => Ok(default),
         };
+        let socket: PathBuf = args
+            .socket
+            .clone()
+            .or(file.socket)
+            .unwrap_or_else(|| DEFAULT_SOCKET.into());
+        let listeners = if !args.listeners.is_empty() {
+            args.listeners.clone()
+        } else {
+            file.listeners
+                .filter(|l| !l.is_empty())
+                .unwrap_or_else(|| vec![socket.clone()])
+        };
+        if listeners.len() > observer_common::MAX_LISTENERS as usize {
+            return Err(invalid(
+                "listeners",
+                format!(
+                    "{} listeners given; at most {} can be watched",
+                    listeners.len(),
+                    observer_common::MAX_LISTENERS
+                ),
+            ));
+        }
         let settings = Settings {
-            socket: args
-                .socket
-                .clone()
-                .or(file.socket)
-                .unwrap_or_else(|| DEFAULT_SOCKET.into()),
+            socket,
             unit: args
                 .unit
                 .clone()
@@ -231,9 +276,29 @@ impl Settings {
                 &file.probe_timeout,
                 Duration::from_secs(1),
             )?,
+            listeners,
+            heartbeat_interval: duration(
+                args.heartbeat_interval,
+                "heartbeat-interval",
+                &file.heartbeat_interval,
+                Duration::from_millis(250),
+            )?,
+            stall_threshold: duration(
+                args.stall_threshold,
+                "stall-threshold",
+                &file.stall_threshold,
+                Duration::from_secs(1),
+            )?,
             no_ebpf: args.no_ebpf || file.no_ebpf.unwrap_or(false),
+            fallback_sensors: args.fallback_sensors || file.fallback_sensors.unwrap_or(false),
             dry_run: args.dry_run || file.dry_run.unwrap_or(false),
         };
+        if settings.no_ebpf && settings.fallback_sensors {
+            return Err(invalid(
+                "fallback-sensors",
+                "cannot be combined with no-ebpf, which turns every kernel sensor off".into(),
+            ));
+        }
         if settings.probe_timeout >= settings.probe_interval {
             return Err(ConfigError::TimeoutNotBelowInterval {
                 timeout: settings.probe_timeout,
@@ -277,6 +342,29 @@ mod tests {
         assert_eq!(s.unit, DEFAULT_UNIT);
         assert_eq!(s.bus, Bus::System);
         assert_eq!(s.status_listen.to_string(), DEFAULT_STATUS_LISTEN);
+        assert_eq!(s.listeners, vec![PathBuf::from(DEFAULT_SOCKET)]);
+    }
+
+    #[test]
+    fn listeners_follow_the_socket_unless_given() {
+        let args = RunArgs {
+            socket: Some("/run/x/containerd.sock".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Settings::resolve(&args).unwrap().listeners,
+            vec![PathBuf::from("/run/x/containerd.sock")]
+        );
+        let args = RunArgs {
+            listeners: vec!["/a".into(), "/b".into()],
+            ..Default::default()
+        };
+        assert_eq!(Settings::resolve(&args).unwrap().listeners.len(), 2);
+        let args = RunArgs {
+            listeners: (0..5).map(|i| PathBuf::from(format!("/s{i}"))).collect(),
+            ..Default::default()
+        };
+        assert!(Settings::resolve(&args).is_err());
     }
 
     #[test]

@@ -4,11 +4,14 @@
 //! run on a virtual clock. Sensors (the kernel programs, the `Version()` probe, systemd) feed
 //! it [`Observation`]s; it answers with a [`Decision`] that the agent hands to the actuator.
 //!
-//! Rules today:
+//! Rules:
 //! - a kernel-reported exit of containerd's main process is a crash at once;
-//! - `failures_to_hang` consecutive failed probes make a hang (timeouts) or an unreachable
-//!   containerd (connection refused, socket missing);
-//! - a probe that answers, however slowly, makes containerd healthy;
+//! - a connection waiting in containerd's accept queue longer than `stall_threshold` is a
+//!   kernel suspicion: containerd becomes suspect and a confirming probe is asked for at once;
+//! - a failed probe while that suspicion stands is a hang;
+//! - without kernel evidence, `failures_to_hang` consecutive failed probes make a hang
+//!   (timeouts) or an unreachable containerd (connection refused, socket missing);
+//! - a probe that answers, however slowly, makes containerd healthy: slow is not hung;
 //! - while a restart is in flight, nothing triggers another one.
 
 use std::time::{Duration, Instant};
@@ -18,14 +21,21 @@ use serde::Serialize;
 /// Tunables of the detector.
 #[derive(Debug, Clone)]
 pub struct DetectorConfig {
-    /// Consecutive failed probes that make a hang or an unreachable containerd.
+    /// Consecutive failed probes that make a hang or an unreachable containerd when there
+    /// is no kernel evidence.
     pub failures_to_hang: u32,
+    /// Age of the oldest pending connection from which the accept loop looks stalled.
+    pub stall_threshold: Duration,
+    /// Least time between two confirming probes asked for by kernel suspicion.
+    pub confirm_spacing: Duration,
 }
 
 impl Default for DetectorConfig {
     fn default() -> Self {
         Self {
             failures_to_hang: 3,
+            stall_threshold: Duration::from_secs(1),
+            confirm_spacing: Duration::from_secs(1),
         }
     }
 }
@@ -69,6 +79,12 @@ pub enum Observation {
     RestartFinished {
         ok: bool,
     },
+    /// The kernel's view of containerd's accept queue.
+    Pending {
+        count: u32,
+        oldest_age: Option<Duration>,
+        sensor: Source,
+    },
 }
 
 /// Where a piece of evidence came from.
@@ -77,6 +93,10 @@ pub enum Observation {
 pub enum Source {
     /// A kernel program (eBPF).
     Ebpf,
+    /// The kernel's socket diagnostics (sock_diag), the accept queue without eBPF.
+    SockDiag,
+    /// A pidfd, process exits without eBPF.
+    Pidfd,
     /// The `Version()` probe.
     Probe,
     /// systemd's view of the unit.
@@ -128,6 +148,8 @@ impl Verdict {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Wait,
+    /// Probe containerd now to confirm a kernel suspicion.
+    ProbeNow,
     /// Restart containerd's unit because of this verdict.
     Restart(Verdict),
 }
@@ -140,6 +162,9 @@ pub struct Detector {
     main_pid: Option<u32>,
     failed_probes: Vec<Evidence>,
     restart_in_flight: bool,
+    /// Evidence of a stalled accept loop, while it stands.
+    stall: Option<Evidence>,
+    last_confirm: Option<Instant>,
     /// Verdicts not yet taken by [`Detector::take_verdicts`].
     new_verdicts: Vec<Verdict>,
 }
@@ -152,6 +177,8 @@ impl Detector {
             main_pid: None,
             failed_probes: Vec::new(),
             restart_in_flight: false,
+            stall: None,
+            last_confirm: None,
             new_verdicts: Vec::new(),
         }
     }
@@ -200,6 +227,15 @@ impl Detector {
                 if self.restart_in_flight || self.state == State::Crashed {
                     return Decision::Wait;
                 }
+                if let Some(stall) = &self.stall
+                    && failure != ProbeFailure::Refused
+                {
+                    let mut evidence = vec![stall.clone()];
+                    evidence.push(self.failed_probes.last().expect("just pushed").clone());
+                    let first = stall.at;
+                    let verdict = self.record(now, State::Hung, first, evidence);
+                    return Decision::Restart(verdict);
+                }
                 let failures = self.failed_probes.len() as u32;
                 if failures < self.config.failures_to_hang {
                     if self.state != State::Suspect {
@@ -239,8 +275,47 @@ impl Detector {
                 let verdict = self.record(now, State::Crashed, at, vec![evidence]);
                 Decision::Restart(verdict)
             }
+            Observation::Pending {
+                count,
+                oldest_age,
+                sensor,
+            } => {
+                let stalled = oldest_age.filter(|age| *age >= self.config.stall_threshold);
+                let Some(age) = stalled else {
+                    self.stall = None;
+                    return Decision::Wait;
+                };
+                if self.restart_in_flight || self.state == State::Crashed {
+                    return Decision::Wait;
+                }
+                let queued = now.checked_sub(age).unwrap_or(now);
+                if self.stall.is_none() {
+                    let evidence = Evidence {
+                        source: sensor,
+                        at: queued,
+                        detail: format!(
+                            "{count} connection(s) waiting in containerd's accept queue, the oldest for {:.0} ms",
+                            age.as_secs_f64() * 1e3
+                        ),
+                    };
+                    self.stall = Some(evidence.clone());
+                    if matches!(self.state, State::Healthy | State::Starting) {
+                        self.record(now, State::Suspect, queued, vec![evidence]);
+                    }
+                }
+                let due = self.last_confirm.is_none_or(|t| {
+                    now.saturating_duration_since(t) >= self.config.confirm_spacing
+                });
+                if due {
+                    self.last_confirm = Some(now);
+                    Decision::ProbeNow
+                } else {
+                    Decision::Wait
+                }
+            }
             Observation::RestartStarted => {
                 self.restart_in_flight = true;
+                self.stall = None;
                 self.failed_probes.clear();
                 self.state = State::Recovering;
                 Decision::Wait
@@ -450,5 +525,110 @@ mod tests {
             decision = d.observe(t, failed(t, ProbeFailure::Refused));
         }
         assert!(matches!(decision, Decision::Restart(_)));
+    }
+    fn pending(age_ms: Option<u64>) -> Observation {
+        Observation::Pending {
+            count: age_ms.map_or(0, |_| 1),
+            oldest_age: age_ms.map(ms),
+            sensor: Source::Ebpf,
+        }
+    }
+
+    #[test]
+    fn a_stalled_accept_queue_asks_for_a_probe_at_once_and_makes_containerd_suspect() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        assert_eq!(d.observe(t0, pending(Some(500))), Decision::Wait);
+        assert_eq!(d.state(), State::Healthy);
+        assert_eq!(
+            d.observe(t0 + ms(600), pending(Some(1100))),
+            Decision::ProbeNow
+        );
+        assert_eq!(d.state(), State::Suspect);
+        let v = d.take_verdicts();
+        assert_eq!(v[0].first_sign, t0 + ms(600) - ms(1100));
+    }
+
+    #[test]
+    fn kernel_suspicion_plus_one_failed_probe_is_a_hang() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0 + ms(1200), pending(Some(1000)));
+        let Decision::Restart(v) =
+            d.observe(t0 + ms(2200), failed(t0 + ms(1200), ProbeFailure::Timeout))
+        else {
+            panic!("expected a restart");
+        };
+        assert_eq!(v.state, State::Hung);
+        assert_eq!(v.evidence.len(), 2);
+        assert_eq!(v.evidence[0].source, Source::Ebpf);
+        assert_eq!(v.evidence[1].source, Source::Probe);
+        assert_eq!(v.detection_latency(), ms(2000));
+    }
+
+    #[test]
+    fn slow_is_not_hung() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        for i in 0..20 {
+            let t = t0 + ms(i * 500);
+            // The queue looks stalled, but every confirming probe answers, slowly.
+            let decision = d.observe(t, pending(Some(1500)));
+            assert!(!matches!(decision, Decision::Restart(_)));
+            let decision = d.observe(
+                t,
+                Observation::ProbeSucceeded {
+                    latency: ms(900),
+                    version: "1.6.20".into(),
+                },
+            );
+            assert_eq!(decision, Decision::Wait);
+        }
+        assert_eq!(d.state(), State::Healthy);
+    }
+
+    #[test]
+    fn confirming_probes_are_spaced() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        assert_eq!(d.observe(t0, pending(Some(1000))), Decision::ProbeNow);
+        assert_eq!(d.observe(t0 + ms(100), pending(Some(1100))), Decision::Wait);
+        assert_eq!(
+            d.observe(t0 + ms(1000), pending(Some(2000))),
+            Decision::ProbeNow
+        );
+    }
+
+    #[test]
+    fn a_drained_queue_clears_the_suspicion() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0, pending(Some(1000)));
+        d.observe(t0 + ms(100), pending(None));
+        // Without the kernel evidence one failed probe is not enough.
+        assert_eq!(
+            d.observe(t0 + ms(200), failed(t0 + ms(200), ProbeFailure::Timeout)),
+            Decision::Wait
+        );
+    }
+
+    #[test]
+    fn refused_probe_with_a_stale_queue_is_not_called_a_hang() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0, pending(Some(1000)));
+        assert_eq!(
+            d.observe(t0 + ms(10), failed(t0, ProbeFailure::Refused)),
+            Decision::Wait
+        );
+    }
+
+    #[test]
+    fn pending_connections_during_a_restart_are_ignored() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0, Observation::RestartStarted);
+        assert_eq!(d.observe(t0, pending(Some(5000))), Decision::Wait);
+        assert_eq!(d.state(), State::Recovering);
     }
 }

@@ -1,16 +1,25 @@
 //! The containerd observer: sensors feed one detector, whose decisions one actuator carries
 //! out through systemd, while the status endpoint shows what was seen and done.
 //!
-//! - sensors: [`kernel`] (eBPF programs), [`probe`] (`Version()` over gRPC), [`systemd`] (the unit)
+//! - sensors: [`kernel`] (eBPF programs), [`sensors`] (each kernel sensor or its fallback:
+//!   [`pidfd`], [`sockdiag`]), [`heartbeat`], [`probe`] (`Version()` over gRPC),
+//!   [`systemd`] (the unit)
 //! - [`detector`]: the state machine, free of I/O
 //! - [`actuator`]: restarts through systemd
 //! - [`status`]: the JSON document and its HTTP endpoint
 //! - [`agent`]: wires them together
 pub mod actuator;
 pub mod agent;
+pub mod btf;
+pub mod cause;
 pub mod config;
 pub mod detector;
+pub mod heartbeat;
 pub mod kernel;
+pub mod latency;
+pub mod pidfd;
 pub mod probe;
+pub mod sensors;
+pub mod sockdiag;
 pub mod status;
 pub mod systemd;

@@ -31,6 +31,13 @@ pub struct StatusDocument {
     pub dry_run: bool,
     pub sensors: Sensors,
     pub last_probe: Option<ProbeRecord>,
+    /// Connections waiting in containerd's accept queue now.
+    pub pending_connections: PendingRecord,
+    /// How long connections waited before containerd accepted them, over a sliding window.
+    pub accept_latency: Option<LatencyRecord>,
+    pub heartbeat: HeartbeatRecord,
+    /// The last exit of containerd's main process that a sensor saw, with its cause.
+    pub last_exit: Option<ExitRecord>,
     pub verdicts: VecDeque<VerdictRecord>,
     pub restarts: VecDeque<RestartRecord>,
 }
@@ -38,16 +45,63 @@ pub struct StatusDocument {
 #[derive(Debug, Clone, Serialize)]
 pub struct Sensors {
     pub process_exit: SensorStatus,
+    pub exit_cause: SensorStatus,
+    pub accept_queue: SensorStatus,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SensorStatus {
-    /// `on` or `off`.
+    /// `on` (eBPF), `fallback` (a mechanism without eBPF stands in) or `off`.
     pub state: &'static str,
     /// The kernel hook (or other mechanism) the sensor uses.
     pub hook: String,
-    /// Why the sensor is off, when it is.
+    /// Why the sensor is not on, when it is not.
     pub reason: Option<String>,
+    /// What the sensor cannot see on this kernel, while it runs.
+    pub notes: Vec<String>,
+    /// Cost of each of its eBPF programs (BPF stats).
+    pub programs: Vec<ProgramRecord>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramRecord {
+    pub name: &'static str,
+    pub run_count: u64,
+    pub run_time_ms: f64,
+    pub avg_run_ns: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PendingRecord {
+    pub count: u32,
+    pub oldest_age_ms: Option<f64>,
+    /// `ebpf` or `sock_diag`; null when no sensor watches the queue.
+    pub source: Option<Source>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyRecord {
+    pub window_s: f64,
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HeartbeatRecord {
+    pub interval_ms: f64,
+    pub sent: u64,
+    pub failed: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ExitRecord {
+    pub at: String,
+    pub pid: u32,
+    pub source: Source,
+    pub description: String,
+    pub cause: Option<crate::cause::ExitCause>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -1,0 +1,596 @@
+//! Kernel sensors: loads the eBPF programs, keeps their filters on containerd's current main
+//! process and listening sockets, and turns ring-buffer records into [`KernelEvent`]s.
+//!
+//! Three sensors, each on classic tracepoints (see `observer-ebpf`):
+//! - process exit (`sched/sched_process_exit`), with the exit code read through BTF;
+//! - exit cause (`signal/signal_generate`, `oom/mark_victim`): who signalled containerd;
+//! - accept queue (`sock/sk_data_ready`, `skb/consume_skb`): when connections are queued on
+//!   containerd's socket and when containerd accepts them, hence accept latency and the age
+//!   of the oldest connection still waiting.
+//!
+//! A sensor whose tracepoint, record field or struct offset is missing on this kernel is
+//! off with the reason; the others still run.
+
+pub mod layout;
+
+use std::{
+    os::fd::OwnedFd,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    Ebpf, EbpfLoader, Pod,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use observer_common::{
+    ACCEPT_EVENTS_MAP, ACCEPT_PROGRAM, AcceptEvent, CONNECT_PROGRAM, COUNTERS_MAP,
+    EXIT_CODE_UNKNOWN, EXIT_EVENTS_MAP, ExitEvent, LAYOUT_GLOBAL, LEARN_MAP, LISTENERS_MAP,
+    LearnSlot, MAX_LISTENERS, NO_OFFSET, OOM_PROGRAM, PENDING_MAP, PROCESS_EXIT_PROGRAM,
+    PendingConnection, SIGNAL_EVENTS_MAP, SIGNAL_PROGRAM, SignalEvent, WATCHED_PIDS_MAP, counter,
+    signal_kind,
+};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
+use tracing::{debug, warn};
+
+use crate::{btf::Btf, detector::Source};
+
+/// The kernel programs, built from `observer-ebpf` by the build script.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "loading eBPF programs needs root (CAP_BPF and CAP_PERFMON); run as root or pass --no-ebpf"
+    )]
+    NotRoot,
+    #[error("the kernel refused the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF map `{name}` is missing or of the wrong type: {detail}")]
+    Map { name: &'static str, detail: String },
+    #[error("cannot update an eBPF map: {0}")]
+    Update(#[from] aya::maps::MapError),
+}
+
+/// Something a kernel program saw.
+#[derive(Debug, Clone)]
+pub enum KernelEvent {
+    Exit(KernelExit),
+    Signal(KernelSignal),
+    Accept(KernelAccept),
+}
+
+/// The whole of a watched process exited.
+#[derive(Debug, Clone)]
+pub struct KernelExit {
+    pub pid: u32,
+    /// The thread whose exit ended the process, and its command name.
+    pub last_thread: u32,
+    pub comm: String,
+    /// The kernel's exit code (`status << 8`, or the fatal signal), if readable.
+    pub exit_code: Option<u32>,
+    /// When the kernel ran the exit, on this process's monotonic clock.
+    pub at: Instant,
+    /// How long the record took from the kernel to the agent.
+    pub delivery: Duration,
+    /// Which sensor saw it: eBPF, or the pidfd fallback.
+    pub source: Source,
+}
+
+/// A fatal signal sent to, or an OOM kill of, a watched process.
+#[derive(Debug, Clone)]
+pub struct KernelSignal {
+    pub target: u32,
+    /// `None` for an OOM kill.
+    pub signal: Option<u32>,
+    pub sender_pid: u32,
+    pub sender_comm: String,
+    pub at: Instant,
+}
+
+/// containerd accepted a connection that waited `latency` in its listener's queue.
+#[derive(Debug, Clone)]
+pub struct KernelAccept {
+    pub listener_index: u32,
+    pub client_pid: u32,
+    pub latency: Duration,
+    pub at: Instant,
+}
+
+/// Connections waiting in a listener's accept queue, from the kernel's bookkeeping.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PendingSnapshot {
+    pub count: u32,
+    pub oldest_age: Option<Duration>,
+}
+
+/// Whether a sensor runs, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SensorState {
+    pub hook: String,
+    /// `Ok` with notes about partial data, or `Err` with why the sensor is off.
+    pub running: Result<Vec<String>, String>,
+}
+
+/// The sensors' states after loading.
+#[derive(Debug, Clone)]
+pub struct SensorStates {
+    pub process_exit: SensorState,
+    pub exit_cause: SensorState,
+    pub accept_queue: SensorState,
+}
+
+/// Run count and average run time of one program (BPF stats).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgramCost {
+    pub program: &'static str,
+    pub run_count: u64,
+    pub run_time: Duration,
+}
+
+/// Lets the heartbeat thread tell the connect program which listener it is connecting to.
+#[derive(Clone)]
+pub struct ListenerLearner {
+    learn: Arc<Mutex<Array<MapData, LearnSlot>>>,
+}
+
+impl ListenerLearner {
+    /// Runs `connect` with the calling thread marked as learning listener `index`.
+    pub fn while_connecting<T>(&self, index: u32, connect: impl FnOnce() -> T) -> T {
+        let tid = unsafe { libc::gettid() } as u32;
+        let Ok(mut learn) = self.learn.lock() else {
+            return connect();
+        };
+        let _ = learn.set(
+            0,
+            LearnSlot {
+                tid,
+                listener_index: index,
+            },
+            0,
+        );
+        let result = connect();
+        let _ = learn.set(0, LearnSlot::default(), 0);
+        result
+    }
+}
+
+/// Loaded and attached kernel programs. Dropping this detaches them.
+pub struct KernelSensors {
+    watched: BpfHashMap<MapData, u32, u8>,
+    listeners: Array<MapData, u64>,
+    pending: BpfHashMap<MapData, u64, PendingConnection>,
+    counters: PerCpuArray<MapData, u64>,
+    learner: Option<ListenerLearner>,
+    states: SensorStates,
+    attached: Vec<&'static str>,
+    ebpf: Ebpf,
+    /// Keeps BPF run-time statistics on while the programs run.
+    _stats: Option<OwnedFd>,
+}
+
+impl KernelSensors {
+    /// Loads the programs, attaches each one it can, and starts forwarding their events.
+    pub fn load(events: mpsc::Sender<KernelEvent>) -> Result<Self, KernelError> {
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(KernelError::NotRoot);
+        }
+        raise_memlock_limit();
+        let formats = layout::Formats::read();
+        let btf = Btf::from_sys_fs().map_err(|e| e.to_string());
+        let offsets = layout::StructOffsets::from_btf(btf.as_ref().map_err(Clone::clone));
+        let layout = layout::build(&formats, &offsets);
+        debug!(?layout, "kernel layout");
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global(LAYOUT_GLOBAL, &layout, true)
+            .load(PROGRAMS)?;
+        // Messages from the kernel programs join the agent's log stream. The logger must be
+        // created before the programs load.
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_logger(logger),
+            Err(e) => warn!("eBPF programs' log messages are unavailable: {e}"),
+        }
+        let stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                warn!("BPF run-time statistics are unavailable: {e}");
+                None
+            }
+        };
+
+        let mut attached = Vec::new();
+        let mut attach = |ebpf: &mut Ebpf,
+                          program: &'static str,
+                          tp: &layout::Tracepoint,
+                          needs: &[Result<u32, String>]|
+         -> Result<(), String> {
+            for need in needs {
+                need.clone()?;
+            }
+            tp.fields.clone()?;
+            attach_tracepoint(ebpf, program, tp.category, tp.name)?;
+            attached.push(program);
+            Ok(())
+        };
+
+        let exit_hook = "tracepoint sched/sched_process_exit".to_owned();
+        let process_exit = attach(&mut ebpf, PROCESS_EXIT_PROGRAM, &formats.process_exit, &[]);
+        let mut exit_notes = Vec::new();
+        if layout.exit_group_dead == NO_OFFSET {
+            exit_notes.push("no group_dead field on this kernel: the thread-group leader's exit stands for the process's exit".to_owned());
+        }
+        if let Err(e) = &offsets.task_exit_code {
+            exit_notes.push(format!(
+                "exit code unknown ({e}); systemd's ExecMainStatus stands in"
+            ));
+        }
+
+        let signals = attach(
+            &mut ebpf,
+            SIGNAL_PROGRAM,
+            &formats.signal_generate,
+            &[
+                formats.signal_generate.require("sig", 4),
+                formats.signal_generate.require("pid", 4),
+                formats.signal_generate.require("result", 4),
+            ],
+        );
+        let oom = attach(
+            &mut ebpf,
+            OOM_PROGRAM,
+            &formats.mark_victim,
+            &[formats.mark_victim.require("pid", 4)],
+        );
+        let mut cause_notes = Vec::new();
+        if let Err(e) = &oom {
+            cause_notes.push(format!("OOM kills are not named: {e}"));
+        }
+
+        let connect = attach(
+            &mut ebpf,
+            CONNECT_PROGRAM,
+            &formats.sk_data_ready,
+            &[
+                formats.sk_data_ready.require("skaddr", 8),
+                formats.sk_data_ready.require("family", 2),
+                offsets.sock_receive_queue_tail.clone(),
+            ],
+        );
+        let accept = match &connect {
+            Ok(()) => attach(
+                &mut ebpf,
+                ACCEPT_PROGRAM,
+                &formats.consume_skb,
+                &[formats.consume_skb.require("skbaddr", 8)],
+            ),
+            Err(e) => Err(e.clone()),
+        };
+
+        let states = SensorStates {
+            process_exit: SensorState {
+                hook: exit_hook,
+                running: process_exit.map(|()| exit_notes),
+            },
+            exit_cause: SensorState {
+                hook: "tracepoints signal/signal_generate, oom/mark_victim".into(),
+                running: signals.map(|()| cause_notes),
+            },
+            accept_queue: SensorState {
+                hook: "tracepoints sock/sk_data_ready (connect queued), skb/consume_skb (accepted)"
+                    .into(),
+                running: accept.map(|()| Vec::new()),
+            },
+        };
+
+        let watched = BpfHashMap::try_from(take_map(&mut ebpf, WATCHED_PIDS_MAP)?)
+            .map_err(|e| map_err(WATCHED_PIDS_MAP, e))?;
+        let listeners = Array::try_from(take_map(&mut ebpf, LISTENERS_MAP)?)
+            .map_err(|e| map_err(LISTENERS_MAP, e))?;
+        let pending = BpfHashMap::try_from(take_map(&mut ebpf, PENDING_MAP)?)
+            .map_err(|e| map_err(PENDING_MAP, e))?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?)
+            .map_err(|e| map_err(COUNTERS_MAP, e))?;
+        let learn =
+            Array::try_from(take_map(&mut ebpf, LEARN_MAP)?).map_err(|e| map_err(LEARN_MAP, e))?;
+        let learner = states
+            .accept_queue
+            .running
+            .is_ok()
+            .then(|| ListenerLearner {
+                learn: Arc::new(Mutex::new(learn)),
+            });
+
+        forward(
+            &mut ebpf,
+            EXIT_EVENTS_MAP,
+            events.clone(),
+            |e: ExitEvent| {
+                let (at, delivery) = monotonic_to_instant(e.monotonic_ns);
+                KernelEvent::Exit(KernelExit {
+                    pid: e.tgid,
+                    last_thread: e.tid,
+                    comm: comm_to_string(&e.comm),
+                    exit_code: (e.exit_code != EXIT_CODE_UNKNOWN).then_some(e.exit_code),
+                    at,
+                    delivery,
+                    source: Source::Ebpf,
+                })
+            },
+        )?;
+        forward(
+            &mut ebpf,
+            SIGNAL_EVENTS_MAP,
+            events.clone(),
+            |e: SignalEvent| {
+                KernelEvent::Signal(KernelSignal {
+                    target: e.target,
+                    signal: (e.kind == signal_kind::SIGNAL).then_some(e.signal),
+                    sender_pid: e.sender_tgid,
+                    sender_comm: comm_to_string(&e.sender_comm),
+                    at: monotonic_to_instant(e.monotonic_ns).0,
+                })
+            },
+        )?;
+        forward(&mut ebpf, ACCEPT_EVENTS_MAP, events, |e: AcceptEvent| {
+            KernelEvent::Accept(KernelAccept {
+                listener_index: e.listener_index,
+                client_pid: e.client_tgid,
+                latency: Duration::from_nanos(e.accepted_ns.saturating_sub(e.queued_ns)),
+                at: monotonic_to_instant(e.accepted_ns).0,
+            })
+        })?;
+
+        Ok(Self {
+            watched,
+            listeners,
+            pending,
+            counters,
+            learner,
+            states,
+            attached,
+            ebpf,
+            _stats: stats,
+        })
+    }
+
+    pub fn states(&self) -> &SensorStates {
+        &self.states
+    }
+
+    /// The handle the heartbeat uses to teach the kernel containerd's listener addresses;
+    /// `None` when the accept-queue sensor is off.
+    pub fn listener_learner(&self) -> Option<ListenerLearner> {
+        self.learner.clone()
+    }
+
+    /// Points the kernel-side PID filter at `pid` alone. The new PID goes in before the old
+    /// ones leave, so there is no moment in which neither is watched.
+    pub fn watch_only(&mut self, pid: u32) -> Result<(), KernelError> {
+        self.watched.insert(pid, 1, 0)?;
+        let stale: Vec<u32> = self
+            .watched
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|p| *p != pid)
+            .collect();
+        for p in stale {
+            self.watched.remove(&p)?;
+        }
+        debug!(pid, "kernel PID filter updated");
+        Ok(())
+    }
+
+    /// Connections now waiting on listener `index`, from the kernel's pending map. Entries
+    /// of a listener that has since closed (a dead containerd's) are dropped here.
+    pub fn pending(&mut self, index: u32) -> PendingSnapshot {
+        let current = self.listeners.get(&index, 0).unwrap_or(0);
+        let now_ns = monotonic_now_ns();
+        let mut snapshot = PendingSnapshot::default();
+        let mut stale = Vec::new();
+        for entry in self.pending.iter() {
+            let Ok((skb, conn)) = entry else { continue };
+            if conn.listener_index != index {
+                continue;
+            }
+            if conn.listener != current {
+                stale.push(skb);
+                continue;
+            }
+            snapshot.count += 1;
+            let age = Duration::from_nanos(now_ns.saturating_sub(conn.queued_ns));
+            snapshot.oldest_age = Some(snapshot.oldest_age.map_or(age, |o| o.max(age)));
+        }
+        for skb in stale {
+            let _ = self.pending.remove(&skb);
+        }
+        snapshot
+    }
+
+    /// Forgets listener `index`'s address (its containerd is gone); the next heartbeat
+    /// learns the new one.
+    pub fn forget_listener(&mut self, index: u32) {
+        if index < MAX_LISTENERS {
+            let _ = self.listeners.set(index, 0, 0);
+        }
+    }
+
+    /// Events dropped because a ring buffer or the pending map was full, summed over CPUs.
+    pub fn dropped(&self) -> (u64, u64) {
+        let sum = |slot| {
+            self.counters
+                .get(&slot, 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0)
+        };
+        (sum(counter::RING_FULL), sum(counter::PENDING_FULL))
+    }
+
+    /// Run count and total run time of each attached program, from BPF stats.
+    pub fn costs(&self) -> Vec<ProgramCost> {
+        self.attached
+            .iter()
+            .filter_map(|name| {
+                let program: &TracePoint = self.ebpf.program(name)?.try_into().ok()?;
+                let info = program.info().ok()?;
+                Some(ProgramCost {
+                    program: name,
+                    run_count: info.run_count(),
+                    run_time: info.run_time(),
+                })
+            })
+            .collect()
+    }
+}
+
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    program: &'static str,
+    category: &str,
+    name: &str,
+) -> Result<(), String> {
+    let tp: &mut TracePoint = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} is missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("program {program}: {e}"))?;
+    tp.load()
+        .map_err(|e| format!("the kernel refused program {program}: {e}"))?;
+    tp.attach(category, name)
+        .map_err(|e| format!("cannot attach {program} to tracepoint {category}/{name}: {e}"))?;
+    Ok(())
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, KernelError> {
+    ebpf.take_map(name).ok_or(KernelError::Map {
+        name,
+        detail: "not found in the object".into(),
+    })
+}
+
+fn map_err(name: &'static str, e: aya::maps::MapError) -> KernelError {
+    KernelError::Map {
+        name,
+        detail: e.to_string(),
+    }
+}
+
+/// Reads `T` records from ring buffer `name` and sends them, converted, to `events`.
+fn forward<T: Pod + Send + 'static>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    events: mpsc::Sender<KernelEvent>,
+    convert: impl Fn(T) -> KernelEvent + Send + 'static,
+) -> Result<(), KernelError> {
+    let ring = RingBuf::try_from(take_map(ebpf, name)?).map_err(|e| map_err(name, e))?;
+    // SAFETY: the ring buffer owns its map fd for as long as the AsyncFd holds it.
+    let mut ring =
+        unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }.map_err(|e| {
+            KernelError::Map {
+                name,
+                detail: format!("cannot poll it: {e}"),
+            }
+        })?;
+    tokio::spawn(async move {
+        loop {
+            let mut guard = match ring.readable_mut().await {
+                Ok(guard) => guard,
+                Err(e) => {
+                    warn!("ring buffer {name} can no longer be polled: {e}");
+                    return;
+                }
+            };
+            let mut batch = Vec::new();
+            while let Some(item) = guard.get_inner_mut().next() {
+                if item.len() >= std::mem::size_of::<T>() {
+                    // SAFETY: the kernel program writes whole `T`s into this ring buffer,
+                    // the length was checked, and `T: Pod`; the record may be unaligned.
+                    batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<T>()) });
+                }
+            }
+            guard.clear_ready();
+            for record in batch {
+                if events.send(convert(record)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    tokio::spawn(async move {
+        // SAFETY: the logger owns its ring buffer's fd for as long as the AsyncFd holds it.
+        let Ok(mut logger) =
+            (unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) })
+        else {
+            return;
+        };
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+fn monotonic_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Maps a `bpf_ktime_get_ns()` timestamp (CLOCK_MONOTONIC) onto an `Instant`, and says how
+/// long ago it was.
+fn monotonic_to_instant(ns: u64) -> (Instant, Duration) {
+    let now = Instant::now();
+    let ago = Duration::from_nanos(monotonic_now_ns().saturating_sub(ns));
+    (now.checked_sub(ago).unwrap_or(now), ago)
+}
+
+fn comm_to_string(comm: &[u8; 16]) -> String {
+    let end = comm.iter().position(|b| *b == 0).unwrap_or(comm.len());
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so loading does not fail there.
+fn raise_memlock_limit() {
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
+        debug!("could not lift RLIMIT_MEMLOCK; fine on kernels that account BPF memory by cgroup");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comm_stops_at_nul() {
+        let mut comm = [0u8; 16];
+        comm[..10].copy_from_slice(b"containerd");
+        assert_eq!(comm_to_string(&comm), "containerd");
+    }
+
+    #[test]
+    fn kernel_timestamps_map_into_the_past() {
+        let (at, ago) = monotonic_to_instant(monotonic_now_ns() - 5_000_000);
+        assert!(ago >= Duration::from_millis(5));
+        assert!(at <= Instant::now());
+    }
+}

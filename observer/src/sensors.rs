@@ -1,0 +1,323 @@
+//! The sensors the agent runs besides the probe, and the fallbacks that stand in for each
+//! kernel program that cannot run here.
+//!
+//! | sensor        | with eBPF                                   | without eBPF                  |
+//! |---------------|---------------------------------------------|-------------------------------|
+//! | process exit  | `sched_process_exit` tracepoint             | pidfd of the main PID         |
+//! | exit cause    | `signal_generate`, `mark_victim` tracepoints | systemd's exit status only    |
+//! | accept queue  | `sk_data_ready` + `consume_skb` tracepoints | sock_diag `UNIX_DIAG_RQLEN`   |
+//!
+//! `--no-ebpf` turns all of them off (the polling-only baseline); `--fallback-sensors`
+//! forces the right-hand column. Either way the heartbeat keeps the queue signal alive.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use tokio::{sync::mpsc, task::JoinHandle};
+use tracing::{debug, warn};
+
+use crate::{
+    config::Settings,
+    detector::Source,
+    heartbeat::Heartbeat,
+    kernel::{KernelEvent, KernelExit, KernelSensors, PendingSnapshot, SensorState},
+    pidfd::PidExitWatch,
+    sockdiag::{self, PendingTracker},
+    status::{HeartbeatRecord, ProgramRecord, SensorStatus, Sensors as SensorsRecord},
+};
+
+/// How the accept queue is watched.
+enum QueueWatch {
+    Ebpf,
+    /// One tracker per listening socket (by inode), for each configured path.
+    SockDiag(Vec<HashMap<u64, PendingTracker>>),
+    Off,
+}
+
+/// All sensors but the probe.
+pub struct Sensors {
+    kernel: Option<KernelSensors>,
+    exit_by_pidfd: bool,
+    queue: QueueWatch,
+    listeners: Vec<PathBuf>,
+    events: mpsc::Sender<KernelEvent>,
+    pidfd_task: Option<JoinHandle<()>>,
+    heartbeat: Option<Heartbeat>,
+    heartbeat_interval: Duration,
+    record: SensorsRecord,
+}
+
+impl Sensors {
+    /// Starts every sensor the settings and this machine allow; events go to `events`.
+    pub fn start(settings: &Settings, events: mpsc::Sender<KernelEvent>) -> Self {
+        let mut record = SensorsRecord {
+            process_exit: off("pidfd", "--no-ebpf: probes only"),
+            exit_cause: off("systemd ExecMainStatus", "--no-ebpf: probes only"),
+            accept_queue: off("sock_diag", "--no-ebpf: probes only"),
+        };
+        let mut sensors = Self {
+            kernel: None,
+            exit_by_pidfd: false,
+            queue: QueueWatch::Off,
+            listeners: settings.listeners.clone(),
+            events: events.clone(),
+            pidfd_task: None,
+            heartbeat: None,
+            heartbeat_interval: settings.heartbeat_interval,
+            record: record.clone(),
+        };
+        if settings.no_ebpf {
+            return sensors;
+        }
+        let kernel = if settings.fallback_sensors {
+            Err("--fallback-sensors".to_owned())
+        } else {
+            KernelSensors::load(events).map_err(|e| e.to_string())
+        };
+        let (exit, cause, queue) = match &kernel {
+            Ok(k) => {
+                let s = k.states();
+                (
+                    s.process_exit.clone(),
+                    s.exit_cause.clone(),
+                    s.accept_queue.clone(),
+                )
+            }
+            Err(reason) => {
+                warn!("eBPF is unavailable ({reason}); falling back to pidfd and sock_diag");
+                let down = SensorState {
+                    hook: String::new(),
+                    running: Err(format!("eBPF unavailable: {reason}")),
+                };
+                (down.clone(), down.clone(), down)
+            }
+        };
+        record.process_exit = match exit.running {
+            Ok(notes) => on(&exit.hook, notes),
+            Err(reason) => {
+                sensors.exit_by_pidfd = true;
+                fallback("pidfd_open(2) on the main PID", &reason)
+            }
+        };
+        record.exit_cause = match cause.running {
+            Ok(notes) => on(&cause.hook, notes),
+            Err(reason) => off(
+                "systemd ExecMainStatus",
+                &format!("{reason}; the exit status comes from systemd after the fact"),
+            ),
+        };
+        let learner = kernel.as_ref().ok().and_then(|k| k.listener_learner());
+        record.accept_queue = match queue.running {
+            Ok(notes) => {
+                sensors.queue = QueueWatch::Ebpf;
+                on(&queue.hook, notes)
+            }
+            Err(reason) => {
+                sensors.queue = QueueWatch::SockDiag(
+                    settings.listeners.iter().map(|_| HashMap::new()).collect(),
+                );
+                let mut status = fallback(
+                    "sock_diag UNIX_DIAG_RQLEN/ICONS sampling (no accept latency)",
+                    &reason,
+                );
+                status.notes.push(
+                    "pending ages are measured from the first sample that showed a connection"
+                        .into(),
+                );
+                status
+            }
+        };
+        match Heartbeat::spawn(
+            settings.listeners.clone(),
+            settings.heartbeat_interval,
+            learner,
+        ) {
+            Ok(h) => sensors.heartbeat = Some(h),
+            Err(e) => warn!("cannot start the heartbeat thread: {e}"),
+        }
+        sensors.kernel = kernel.ok();
+        sensors.record = record;
+        sensors
+    }
+
+    /// Whether any kernel-side sensor runs (eBPF or its fallbacks).
+    pub fn any_kernel_sensor(&self) -> bool {
+        self.kernel.is_some() || self.exit_by_pidfd || !matches!(self.queue, QueueWatch::Off)
+    }
+
+    pub fn ebpf_loaded(&self) -> bool {
+        self.kernel.is_some()
+    }
+
+    /// Moves the sensors to containerd's new main process.
+    pub fn follow(&mut self, pid: Option<u32>) {
+        if let Some(kernel) = self.kernel.as_mut() {
+            // A new process has new listening sockets; the next heartbeat learns them, and
+            // connections queued on the old ones are no longer counted.
+            for index in 0..self.listeners.len() as u32 {
+                kernel.forget_listener(index);
+            }
+            if let Some(pid) = pid
+                && let Err(e) = kernel.watch_only(pid)
+            {
+                warn!("cannot point the kernel sensors at PID {pid}: {e}");
+            }
+        }
+        if self.exit_by_pidfd {
+            if let Some(task) = self.pidfd_task.take() {
+                task.abort();
+            }
+            if let Some(pid) = pid {
+                self.pidfd_task = Some(watch_with_pidfd(pid, self.events.clone()));
+            }
+        }
+    }
+
+    /// Samples the accept queue of every listener; the worst one speaks for all.
+    pub fn sample_pending(&mut self, now: Instant) -> Option<(PendingSnapshot, Source)> {
+        let mut worst: Option<PendingSnapshot> = None;
+        let mut merge = |s: PendingSnapshot| {
+            let w = worst.get_or_insert_with(PendingSnapshot::default);
+            w.count += s.count;
+            w.oldest_age = w.oldest_age.max(s.oldest_age);
+        };
+        let source = match &mut self.queue {
+            QueueWatch::Off => return None,
+            QueueWatch::Ebpf => {
+                let kernel = self.kernel.as_mut()?;
+                for index in 0..self.listeners.len() as u32 {
+                    merge(kernel.pending(index));
+                }
+                Source::Ebpf
+            }
+            QueueWatch::SockDiag(trackers) => {
+                for (path, per_inode) in self.listeners.iter().zip(trackers.iter_mut()) {
+                    // A netlink dump answers from kernel memory at once; keep it off the
+                    // runtime's other tasks all the same.
+                    match tokio::task::block_in_place(|| sockdiag::sample_listener(path)) {
+                        Ok(samples) => {
+                            // A restarted containerd has a new listener: forget the old ones.
+                            per_inode.retain(|inode, _| samples.iter().any(|s| s.inode == *inode));
+                            for sample in samples {
+                                let tracker = per_inode.entry(sample.inode).or_default();
+                                let (tracked, oldest_age) =
+                                    tracker.update(now, &sample.pending_inodes);
+                                // With thousands pending the kernel omits the inode list.
+                                let count = tracked.max(sample.pending);
+                                merge(PendingSnapshot { count, oldest_age });
+                            }
+                        }
+                        Err(e) => debug!("sock_diag sample of {} failed: {e}", path.display()),
+                    }
+                }
+                Source::SockDiag
+            }
+        };
+        worst.map(|w| (w, source))
+    }
+
+    /// The sensors' part of the status document, with fresh program costs.
+    pub fn record(&self) -> SensorsRecord {
+        let mut record = self.record.clone();
+        if let Some(kernel) = &self.kernel {
+            for cost in kernel.costs() {
+                let program = ProgramRecord {
+                    name: cost.program,
+                    run_count: cost.run_count,
+                    run_time_ms: cost.run_time.as_secs_f64() * 1e3,
+                    avg_run_ns: if cost.run_count == 0 {
+                        0.0
+                    } else {
+                        cost.run_time.as_nanos() as f64 / cost.run_count as f64
+                    },
+                };
+                let sensor = match cost.program {
+                    observer_common::PROCESS_EXIT_PROGRAM => &mut record.process_exit,
+                    observer_common::SIGNAL_PROGRAM | observer_common::OOM_PROGRAM => {
+                        &mut record.exit_cause
+                    }
+                    _ => &mut record.accept_queue,
+                };
+                sensor.programs.push(program);
+            }
+            let (ring_full, pending_full) = kernel.dropped();
+            if ring_full + pending_full > 0 {
+                record.accept_queue.notes.push(format!(
+                    "{ring_full} event(s) dropped on full ring buffers, {pending_full} connection(s) untracked on a full pending map"
+                ));
+            }
+        }
+        record
+    }
+
+    pub fn heartbeat(&self) -> HeartbeatRecord {
+        match &self.heartbeat {
+            Some(h) => HeartbeatRecord {
+                interval_ms: self.heartbeat_interval.as_secs_f64() * 1e3,
+                sent: h.counts.sent.load(Ordering::Relaxed),
+                failed: h.counts.failed.load(Ordering::Relaxed),
+            },
+            None => HeartbeatRecord::default(),
+        }
+    }
+}
+
+fn watch_with_pidfd(pid: u32, events: mpsc::Sender<KernelEvent>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut watch = match PidExitWatch::open(pid) {
+            Ok(w) => w,
+            Err(e) => {
+                warn!("cannot watch PID {pid} with a pidfd: {e}");
+                return;
+            }
+        };
+        if let Err(e) = watch.exited().await {
+            warn!("pidfd of PID {pid} failed: {e}");
+            return;
+        }
+        let exit = KernelExit {
+            pid,
+            last_thread: pid,
+            comm: String::new(),
+            exit_code: None,
+            at: Instant::now(),
+            delivery: Duration::ZERO,
+            source: Source::Pidfd,
+        };
+        let _ = events.send(KernelEvent::Exit(exit)).await;
+    })
+}
+
+fn on(hook: &str, notes: Vec<String>) -> SensorStatus {
+    SensorStatus {
+        state: "on",
+        hook: hook.to_owned(),
+        reason: None,
+        notes,
+        programs: Vec::new(),
+    }
+}
+
+fn fallback(hook: &str, reason: &str) -> SensorStatus {
+    SensorStatus {
+        state: "fallback",
+        hook: hook.to_owned(),
+        reason: Some(reason.to_owned()),
+        notes: Vec::new(),
+        programs: Vec::new(),
+    }
+}
+
+fn off(hook: &str, reason: &str) -> SensorStatus {
+    SensorStatus {
+        state: "off",
+        hook: hook.to_owned(),
+        reason: Some(reason.to_owned()),
+        notes: Vec::new(),
+        programs: Vec::new(),
+    }
+}
