@@ -1,0 +1,114 @@
+//! The harness the observer's integration tests and `cargo xtask run` share.
+//!
+//! - [`Sandbox`]: a private containerd, run as the unit `containerd.service` of a private
+//!   systemd user manager that owns `org.freedesktop.systemd1` on a private session bus. It
+//!   needs root but not systemd as PID 1, and several sandboxes can run at once.
+//! - [`Observer`]: the `observer` binary pointed at a sandbox, with helpers that poll its
+//!   HTTP status endpoint.
+//! - [`require`]: the gate every privileged test passes first. It skips loudly on a developer
+//!   machine that lacks something, and fails in CI, where a skipped privileged test would hide
+//!   a regression.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use observer_tests::{Need, Observer, Sandbox, SandboxOptions, require};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! if require("my_test", &[Need::Root, Need::Systemd, Need::Containerd, Need::Unshare]).is_err() {
+//!     return Ok(());
+//! }
+//! let sandbox = Sandbox::start(SandboxOptions::new().restart("no"))?;
+//! let observer = Observer::spawn(&sandbox, &["--no-ebpf"])?;
+//! observer.wait_ready(Duration::from_secs(10))?;
+//! # Ok(()) }
+//! ```
+//!
+//! Declare the [`Sandbox`] before the [`Observer`]: locals drop in reverse order, so the
+//! observer stops before the containerd it watches goes away.
+
+mod cgroup;
+mod gate;
+mod observer;
+mod process;
+mod sandbox;
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+pub use gate::{Need, Skip, require};
+pub use observer::{Observer, free_local_addr, observer_bin};
+pub use sandbox::{Sandbox, SandboxOptions};
+
+/// Everything that can go wrong while starting, driving or asking a sandbox or an observer.
+/// Each message says what happened and, where the fix is on the caller's side, what to do;
+/// `details` carry the tail of the relevant log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SandboxError {
+    /// A program the sandbox runs is not installed.
+    #[error("{tool} is not installed: {hint}")]
+    MissingTool {
+        tool: &'static str,
+        hint: &'static str,
+    },
+    /// The caller asked for something that cannot work.
+    #[error("invalid sandbox option: {0}")]
+    InvalidOption(String),
+    /// A file or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The sandbox could not get its own cgroup, which keeps its units apart from other
+    /// sandboxes' (units of the same name would otherwise share one cgroup and kill each other).
+    #[error(
+        "could not set up the sandbox's cgroup {path}: {source}; the sandbox needs root and a \
+         writable cgroup filesystem (a VM, or a container started with --privileged)"
+    )]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `systemctl --user ...` exited with an error.
+    #[error("`systemctl --user {args}` failed ({status}): {stderr}{hint}")]
+    Systemctl {
+        args: String,
+        status: String,
+        stderr: String,
+        hint: &'static str,
+    },
+    /// Something did not happen in time.
+    #[error("timed out after {waited:?} waiting for {what}\n{details}")]
+    Timeout {
+        what: String,
+        waited: Duration,
+        details: String,
+    },
+    /// A process of the sandbox or the observer stopped or misbehaved.
+    #[error("{what}\n{details}")]
+    Failed { what: String, details: String },
+    /// The observer binary has not been built.
+    #[error(
+        "the observer binary {path} does not exist: build it with `cargo build -p observer`, \
+         or point OBSERVER_BIN at one"
+    )]
+    ObserverMissing { path: PathBuf },
+    /// A request to the observer's status endpoint failed.
+    #[error("GET http://{addr}{path} failed: {detail}")]
+    Http {
+        addr: SocketAddr,
+        path: String,
+        detail: String,
+    },
+}
+
+impl SandboxError {
+    fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        SandboxError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! `cargo xtask test` and `cargo xtask lint`: the checks CI runs, runnable the same way by hand.
+
+use std::{env, process::Command};
+
+use anyhow::{Result, bail};
+
+use crate::cmd::{self, TAG, is_root, target_dir};
+
+/// Builds the observer, then runs the workspace's tests (its default members: the eBPF crate
+/// only builds for the BPF target) with `OBSERVER_BIN` naming the binary under test.
+pub fn test(cargo_test_args: &[String]) -> Result<()> {
+    crate::setup::setup(false)?;
+    cmd::run(cmd::cargo().args(["build", "-p", "observer"]))?;
+
+    let observer = target_dir().join("debug").join("observer");
+    if !is_root() {
+        println!("{TAG} not root: tests that need root (eBPF, the sandbox) will say they skip");
+    }
+    let mut test = cmd::cargo();
+    test.arg("test").env("OBSERVER_BIN", &observer);
+    // Inherited anyway; set explicitly so the printed command shows it.
+    if let Some(ci) = env::var_os("CI") {
+        test.env("CI", ci);
+    }
+    test.args(cargo_test_args);
+    cmd::run(&mut test)
+}
+
+/// rustfmt's check and clippy with warnings denied; runs both, then reports what failed.
+pub fn lint() -> Result<()> {
+    // Clippy runs the observer's build script, which builds the eBPF crate.
+    crate::setup::setup(false)?;
+    let mut fmt = cmd::cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    let mut clippy = cmd::cargo();
+    clippy.args(["clippy", "--all-targets", "--", "-D", "warnings"]);
+
+    let failed: Vec<String> = [fmt, clippy]
+        .iter_mut()
+        .filter_map(|check: &mut Command| cmd::run(check).err().map(|err| err.to_string()))
+        .collect();
+    if !failed.is_empty() {
+        bail!("lint failed:\n  {}", failed.join("\n  "));
+    }
+    println!("{TAG} lint: clean");
+    Ok(())
+}
