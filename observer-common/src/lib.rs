@@ -11,6 +11,9 @@
 pub const WATCHED_PIDS_MAP: &str = "WATCHED_PIDS";
 /// Ring buffer carrying [`ExitEvent`]s.
 pub const EXIT_EVENTS_MAP: &str = "EXIT_EVENTS";
+/// Hash map from a watched TGID to the last fatal [`SignalEvent`] aimed at it, so the exit
+/// program can name the sender in the same record, in kernel order.
+pub const LAST_SIGNAL_MAP: &str = "LAST_SIGNAL";
 /// Ring buffer carrying [`SignalEvent`]s (signals to, and OOM kills of, watched processes).
 pub const SIGNAL_EVENTS_MAP: &str = "SIGNAL_EVENTS";
 /// Ring buffer carrying [`AcceptEvent`]s.
@@ -21,11 +24,19 @@ pub const LISTENERS_MAP: &str = "LISTENERS";
 pub const LEARN_MAP: &str = "LEARN";
 /// Hash map from a queued connection's `sk_buff` address to its [`PendingConnection`].
 pub const PENDING_MAP: &str = "PENDING";
-/// Per-CPU array of [`Counters`] slots.
+/// Array of [`ExePath`]s: an exec of one of these files is followed at once (its process is
+/// added to the watched PIDs in the kernel), so a containerd that systemd just started is
+/// watched before the agent hears of its PID.
+pub const FOLLOW_EXE_MAP: &str = "FOLLOW_EXE";
+/// How many executable paths can be followed.
+pub const MAX_FOLLOW_EXE: u32 = 2;
+/// Per-CPU array of counter slots.
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// Global holding the [`Layout`] the programs read records and kernel structs with.
 pub const LAYOUT_GLOBAL: &str = "LAYOUT";
 
+/// Program on `sched/sched_process_exec`.
+pub const PROCESS_EXEC_PROGRAM: &str = "follow_exec";
 /// Program on `sched/sched_process_exit`.
 pub const PROCESS_EXIT_PROGRAM: &str = "process_exit";
 /// Program on `signal/signal_generate`.
@@ -64,6 +75,9 @@ pub mod counter {
 pub struct Layout {
     /// `sched_process_exit.group_dead`, or [`NO_OFFSET`].
     pub exit_group_dead: u32,
+    /// `sched_process_exec.filename` (a `__data_loc`: offset in the low, length in the high
+    /// 16 bits), or [`NO_OFFSET`].
+    pub exec_filename: u32,
     /// `task_struct.exit_code`, or [`NO_OFFSET`].
     pub task_exit_code: u32,
     /// `signal_generate.sig`.
@@ -82,6 +96,8 @@ pub struct Layout {
     pub consume_skbaddr: u32,
     /// `sock.sk_receive_queue` + `sk_buff_head.prev`: the newest queued skb, or [`NO_OFFSET`].
     pub sock_receive_queue_tail: u32,
+    /// Zero; keeps `reported_signals` aligned without implicit padding.
+    pub _reserved: u32,
     /// Bit `n` set: signal `n` is worth reporting (fatal by default).
     pub reported_signals: u64,
 }
@@ -90,6 +106,7 @@ impl Layout {
     /// Everything unknown: every sensor that needs an offset stays quiet.
     pub const UNKNOWN: Layout = Layout {
         exit_group_dead: NO_OFFSET,
+        exec_filename: NO_OFFSET,
         task_exit_code: NO_OFFSET,
         signal_sig: NO_OFFSET,
         signal_pid: NO_OFFSET,
@@ -99,6 +116,7 @@ impl Layout {
         data_ready_family: NO_OFFSET,
         consume_skbaddr: NO_OFFSET,
         sock_receive_queue_tail: NO_OFFSET,
+        _reserved: 0,
         reported_signals: 0,
     };
 }
@@ -120,6 +138,9 @@ pub struct ExitEvent {
     pub _reserved: u32,
     /// That thread's command name, NUL-padded.
     pub comm: [u8; 16],
+    /// The last fatal signal (or OOM kill) aimed at the process before it exited; all zero
+    /// when there was none.
+    pub last_signal: SignalEvent,
 }
 
 /// What a [`SignalEvent`] reports.
@@ -172,6 +193,35 @@ pub struct AcceptEvent {
     pub client_tgid: u32,
 }
 
+/// An executable path, as `execve` was given it (NUL-free, at most 120 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExePath {
+    /// Length in bytes; 0 marks an empty slot.
+    pub len: u32,
+    pub _reserved: u32,
+    pub bytes: [u8; 120],
+}
+
+impl ExePath {
+    pub const EMPTY: ExePath = ExePath {
+        len: 0,
+        _reserved: 0,
+        bytes: [0; 120],
+    };
+
+    /// The path as an `ExePath`, or `None` if it is too long to follow.
+    pub fn new(path: &[u8]) -> Option<ExePath> {
+        if path.is_empty() || path.len() > 120 || path.contains(&0) {
+            return None;
+        }
+        let mut e = Self::EMPTY;
+        e.len = path.len() as u32;
+        e.bytes[..path.len()].copy_from_slice(path);
+        Some(e)
+    }
+}
+
 /// Which thread is connecting to which listener, so the connect program can learn the
 /// listener's kernel address from the connection it queues.
 #[repr(C)]
@@ -191,6 +241,7 @@ mod pod {
     unsafe impl aya::Pod for super::PendingConnection {}
     unsafe impl aya::Pod for super::AcceptEvent {}
     unsafe impl aya::Pod for super::LearnSlot {}
+    unsafe impl aya::Pod for super::ExePath {}
 }
 
 /// Decides, from one `sched_process_exit` record, whether it is the exit of a whole watched
@@ -251,12 +302,13 @@ mod tests {
     #[test]
     fn shared_structs_have_no_padding() {
         use core::mem::size_of;
-        assert_eq!(size_of::<ExitEvent>(), 8 + 4 * 4 + 16);
+        assert_eq!(size_of::<ExitEvent>(), 8 + 4 * 4 + 16 + size_of::<SignalEvent>());
         assert_eq!(size_of::<SignalEvent>(), 8 + 4 * 4 + 16);
         assert_eq!(size_of::<PendingConnection>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<AcceptEvent>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<LearnSlot>(), 8);
-        assert_eq!(size_of::<Layout>(), 10 * 4 + 8);
+        assert_eq!(size_of::<Layout>(), 11 * 4 + 4 + 8);
+        assert_eq!(size_of::<ExePath>(), 128);
     }
 
     #[test]
@@ -293,6 +345,14 @@ mod tests {
             "SIGUSR1 asks for a stack dump"
         );
         assert!(!is_reported_signal(FATAL_SIGNALS, 64));
+    }
+
+    #[test]
+    fn exe_paths_must_fit_and_have_no_nul() {
+        assert_eq!(ExePath::new(b"/usr/bin/containerd").unwrap().len, 19);
+        assert!(ExePath::new(b"").is_none());
+        assert!(ExePath::new(&[b'a'; 121]).is_none());
+        assert!(ExePath::new(&[b'/', 0, b'x']).is_none());
     }
 
     #[test]

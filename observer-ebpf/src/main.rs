@@ -24,7 +24,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use observer_common::{
-    AF_UNIX, AcceptEvent, EXIT_CODE_UNKNOWN, ExitEvent, Layout, LearnSlot, MAX_LISTENERS,
+    AF_UNIX, AcceptEvent, EXIT_CODE_UNKNOWN, ExePath, ExitEvent, Layout, LearnSlot,
+    MAX_FOLLOW_EXE, MAX_LISTENERS,
     NO_OFFSET, PendingConnection, SignalEvent, counter, is_process_exit, is_reported_signal,
     listener_index, signal_kind,
 };
@@ -35,6 +36,9 @@ static WATCHED_PIDS: HashMap<u32, u8> = HashMap::with_max_entries(64, 0);
 
 #[map]
 static EXIT_EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024, 0);
+
+#[map]
+static LAST_SIGNAL: HashMap<u32, SignalEvent> = HashMap::with_max_entries(64, 0);
 
 #[map]
 static SIGNAL_EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024, 0);
@@ -52,6 +56,10 @@ static LEARN: Array<LearnSlot> = Array::with_max_entries(1, 0);
 /// Connections queued on a watched listener and not yet accepted, by `sk_buff` address.
 #[map]
 static PENDING: HashMap<u64, PendingConnection> = HashMap::with_max_entries(8192, 0);
+
+/// Executables whose exec is followed at once (containerd's binary).
+#[map]
+static FOLLOW_EXE: Array<ExePath> = Array::with_max_entries(MAX_FOLLOW_EXE, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::SLOTS, 0);
@@ -128,9 +136,22 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
         &ctx,
         "watched process {} exited (last thread {}, code {})", tgid, tid, exit_code
     );
+    // SAFETY: the entry is copied out before it is removed.
+    let last_signal = unsafe { LAST_SIGNAL.get(&tgid) }.copied().unwrap_or(SignalEvent {
+        monotonic_ns: 0,
+        kind: 0,
+        target: 0,
+        signal: 0,
+        sender_tgid: 0,
+        sender_comm: [0; 16],
+    });
+    let _ = LAST_SIGNAL.remove(&tgid);
+    // The process is gone: its PID may be reused by anything.
+    let _ = WATCHED_PIDS.remove(&tgid);
     match EXIT_EVENTS.reserve::<ExitEvent>(0) {
         Some(mut entry) => {
             entry.write(ExitEvent {
+                last_signal,
                 monotonic_ns: unsafe { bpf_ktime_get_ns() },
                 tgid,
                 tid,
@@ -143,6 +164,54 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
         None => count(counter::RING_FULL),
     }
     0
+}
+
+/// Watches a process the moment it execs containerd's binary, so a containerd that systemd
+/// (or anyone) just started is watched before the agent hears of its PID. Nearly every exec
+/// on the node fails the length check and returns without reading the name.
+#[tracepoint]
+pub fn follow_exec(ctx: TracePointContext) -> u32 {
+    let Some(loc) = read::<u32>(&ctx, layout().exec_filename) else {
+        return 0;
+    };
+    let offset = (loc & 0xffff) as usize;
+    // The length counts the trailing NUL.
+    let len = ((loc >> 16) as usize).saturating_sub(1);
+    let mut slot = 0;
+    while slot < MAX_FOLLOW_EXE {
+        if let Some(exe) = FOLLOW_EXE.get(slot)
+            && exe.len as usize == len
+            && len > 0
+            && len <= exe.bytes.len()
+            && filename_matches(&ctx, offset, exe)
+        {
+            let _ = WATCHED_PIDS.insert(&current_tgid(), &2, 0);
+            return 0;
+        }
+        slot += 1;
+    }
+    0
+}
+
+#[inline(always)]
+fn filename_matches(ctx: &TracePointContext, offset: usize, exe: &ExePath) -> bool {
+    let mut name = [0u8; 120];
+    // SAFETY: the record holds the filename at this offset; the read is bounded by `name`.
+    let src = (ctx.as_ptr() as *const u8).wrapping_add(offset);
+    if unsafe { aya_ebpf::helpers::bpf_probe_read_kernel_buf(src, &mut name) }.is_err() {
+        return false;
+    }
+    let mut i = 0;
+    while i < name.len() {
+        if i >= exe.len as usize {
+            return true;
+        }
+        if name[i] != exe.bytes[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
 }
 
 #[tracepoint]
@@ -181,16 +250,24 @@ pub fn oom_mark_victim(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn emit_signal(ctx: &TracePointContext, kind: u32, target: u32, signal: u32) {
+    let event = SignalEvent {
+        monotonic_ns: unsafe { bpf_ktime_get_ns() },
+        kind,
+        target,
+        signal,
+        sender_tgid: current_tgid(),
+        sender_comm: ctx.command().unwrap_or([0; 16]),
+    };
+    // An OOM kill stays the cause even if the killer's SIGKILL record follows it.
+    // SAFETY: only the kind of the stored entry is read.
+    let oom_recorded = unsafe { LAST_SIGNAL.get(&target) }
+        .is_some_and(|e| e.kind == signal_kind::OOM_VICTIM);
+    if !oom_recorded {
+        let _ = LAST_SIGNAL.insert(&target, &event, 0);
+    }
     match SIGNAL_EVENTS.reserve::<SignalEvent>(0) {
         Some(mut entry) => {
-            entry.write(SignalEvent {
-                monotonic_ns: unsafe { bpf_ktime_get_ns() },
-                kind,
-                target,
-                signal,
-                sender_tgid: current_tgid(),
-                sender_comm: ctx.command().unwrap_or([0; 16]),
-            });
+            entry.write(event);
             entry.submit(0);
         }
         None => count(counter::RING_FULL),

@@ -1,24 +1,114 @@
 //! The actuator: carries out the detector's decisions through systemd, and only through it.
 //!
-//! A restart is `RestartUnit(unit, "replace")` followed by waiting for the job's result and
-//! reading the unit's new main PID, so the kernel sensors can follow the new process.
+//! Before acting it reads the unit as systemd sees it and never fights it: a unit systemd is
+//! already restarting is left to systemd, a unit an operator stopped stays stopped. [`plan`]
+//! is that rule, free of I/O. A restart of a hung containerd escalates: an optional goroutine
+//! dump (`SIGUSR1`), `RestartUnit(replace)`, and, if the stop hangs past a bounded grace, a
+//! `SIGKILL` of the main process through systemd rather than waiting out `TimeoutStopSec`.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
-use crate::systemd::Systemd;
+use serde::Serialize;
+use tracing::{info, warn};
 
-/// How long systemd may take to finish a restart job before we report it as stuck.
-pub const RESTART_JOB_TIMEOUT: Duration = Duration::from_secs(90);
+use crate::{
+    detector::State,
+    systemd::{Systemd, SystemdError, UnitStatus},
+};
+
+#[derive(Debug, Clone)]
+pub struct ActuatorConfig {
+    /// How long a hung stop may take before the main process is killed.
+    pub kill_grace: Duration,
+    /// How long a whole restart job may take before it is reported as stuck.
+    pub job_timeout: Duration,
+    /// Ask a hung containerd for its goroutine dump before restarting it.
+    pub dump_stacks: bool,
+    /// How long to wait for systemd to notice a crash before judging the unit's state.
+    pub settle: Duration,
+}
+
+impl Default for ActuatorConfig {
+    fn default() -> Self {
+        Self {
+            kill_grace: Duration::from_secs(10),
+            job_timeout: Duration::from_secs(120),
+            dump_stacks: true,
+            settle: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What to do about a bad verdict, given the unit's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    Restart,
+    /// systemd is already on it (a job, or its own `Restart=`).
+    LeaveToSystemd(String),
+    /// Someone stopped the unit: never start it.
+    LeaveStopped(String),
+    /// systemd refuses to start it (its start limit); restarting would fail.
+    Refused(String),
+}
+
+/// Decides, from systemd's view of the unit, whether restarting is ours to do.
+pub fn plan(verdict: State, unit: &UnitStatus, dead_pid: Option<u32>) -> Plan {
+    match unit.job.as_deref() {
+        Some("stop") => {
+            return Plan::LeaveStopped("a stop job is running on the unit: it is being stopped".into());
+        }
+        Some(job) => {
+            return Plan::LeaveToSystemd(format!("systemd is already running a {job} job on the unit"));
+        }
+        None => {}
+    }
+    match unit.active_state.as_str() {
+        "activating" if unit.sub_state == "auto-restart" => {
+            Plan::LeaveToSystemd("systemd will restart it by itself (Restart=)".into())
+        }
+        "activating" | "deactivating" | "reloading" => Plan::LeaveToSystemd(format!(
+            "the unit is {} ({}); systemd is acting on it",
+            unit.active_state, unit.sub_state
+        )),
+        "inactive" => Plan::LeaveStopped(format!(
+            "the unit is stopped (inactive, result {}): an operator stopped it or it exited cleanly",
+            unit.result
+        )),
+        "failed" if unit.result == "start-limit-hit" => Plan::Refused(
+            "systemd's start limit refused further starts (StartLimitBurst); run `systemctl reset-failed` once the cause is fixed".into(),
+        ),
+        "active"
+            if verdict == State::Crashed
+                && dead_pid.is_some()
+                && unit.main_pid.is_some()
+                && unit.main_pid != dead_pid =>
+        {
+            Plan::LeaveToSystemd(format!(
+                "systemd already runs a new main process ({})",
+                unit.main_pid.unwrap_or_default()
+            ))
+        }
+        _ => Plan::Restart,
+    }
+}
 
 /// What a restart came to.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct RestartOutcome {
     /// systemd's job result: `done`, `failed`, `timeout`, `canceled`, …; `error` when the
     /// request itself failed.
     pub job_result: String,
     pub error: Option<String>,
+    #[serde(skip)]
     pub duration: Duration,
     pub new_pid: Option<u32>,
+    /// Where the goroutine dump went, or why there is none.
+    pub stack_dump: Option<String>,
+    /// The stop hung past the grace and the main process was killed.
+    pub killed_main: bool,
 }
 
 impl RestartOutcome {
@@ -27,21 +117,168 @@ impl RestartOutcome {
     }
 }
 
-/// Restarts the unit and waits for systemd's verdict on the job.
-pub async fn restart(systemd: &Systemd) -> RestartOutcome {
+/// Waits (bounded) for systemd to notice that `dead_pid` is gone, then returns the unit's
+/// state. Acting before that would read a unit that still looks active.
+pub async fn settled_status(
+    systemd: &Systemd,
+    dead_pid: Option<u32>,
+    settle: Duration,
+) -> Result<UnitStatus, SystemdError> {
+    let deadline = Instant::now() + settle;
+    loop {
+        let status = systemd.status().await?;
+        // Properties are read one at a time: an active unit without a main process is caught
+        // mid-change, so read again.
+        let between = status.active_state == "active" && status.main_pid.is_none();
+        let noticed = dead_pid.is_none() || (status.main_pid != dead_pid && !between);
+        if noticed || Instant::now() >= deadline {
+            return Ok(status);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Restarts the unit, escalating as the verdict warrants, and waits for systemd's result.
+pub async fn restart(
+    systemd: &Systemd,
+    config: &ActuatorConfig,
+    verdict: State,
+    main_pid: Option<u32>,
+) -> RestartOutcome {
     let started = Instant::now();
-    let (job_result, error) = match systemd.restart(RESTART_JOB_TIMEOUT).await {
-        Ok(result) => (result, None),
+    let mut stack_dump = None;
+    if config.dump_stacks && verdict == State::Hung {
+        stack_dump = Some(request_stack_dump(systemd, main_pid).await);
+    }
+    let mut killed_main = false;
+    let (job_result, error) = match systemd.begin_restart().await {
         Err(e) => ("error".to_owned(), Some(e.to_string())),
+        Ok(mut job) => {
+            let mut outcome = job.wait(config.kill_grace).await;
+            if matches!(outcome, Ok(None)) {
+                // The stop is hanging (a process that ignores SIGTERM): kill it rather than
+                // wait out TimeoutStopSec. systemd then carries on with the start.
+                warn!(job = %job.path(), grace = ?config.kill_grace, "stop still hanging; asking systemd to SIGKILL the main process");
+                match systemd.kill_main(libc::SIGKILL).await {
+                    Ok(()) => killed_main = true,
+                    Err(e) => warn!("KillUnit failed: {e}"),
+                }
+                outcome = job
+                    .wait(config.job_timeout.saturating_sub(config.kill_grace))
+                    .await;
+            }
+            match outcome {
+                Ok(Some(result)) => (result, None),
+                Ok(None) => (
+                    "timeout".to_owned(),
+                    Some(format!(
+                        "systemd did not finish the restart job within {:?}",
+                        config.job_timeout
+                    )),
+                ),
+                Err(e) => ("error".to_owned(), Some(e.to_string())),
+            }
+        }
     };
-    let new_pid = match systemd.status().await {
-        Ok(status) => status.main_pid,
-        Err(_) => None,
-    };
+    let new_pid = systemd.status().await.ok().and_then(|s| s.main_pid);
     RestartOutcome {
         job_result,
         error,
         duration: started.elapsed(),
         new_pid,
+        stack_dump,
+        killed_main,
+    }
+}
+
+/// Asks containerd for its goroutine dump and says where it went. containerd 1.6 writes it
+/// to its log and to `<tmp>/containerd.<pid>.stacks.log`; a frozen process cannot answer.
+async fn request_stack_dump(systemd: &Systemd, pid: Option<u32>) -> String {
+    if let Err(e) = systemd.kill_main(libc::SIGUSR1).await {
+        return format!("could not send SIGUSR1: {e}");
+    }
+    let Some(pid) = pid else {
+        return "SIGUSR1 sent; the main PID is unknown, so the dump file cannot be named".into();
+    };
+    let file = PathBuf::from(format!("/tmp/containerd.{pid}.stacks.log"));
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        if file.exists() {
+            info!(path = %file.display(), "goroutine dump written");
+            return format!("written to {} and containerd's log", file.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    format!(
+        "SIGUSR1 sent; no dump at {} within 500 ms (a frozen containerd cannot write one; with PrivateTmp it lands in the unit's private /tmp)",
+        file.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(active: &str, sub: &str, main: Option<u32>, job: Option<&str>) -> UnitStatus {
+        UnitStatus {
+            active_state: active.into(),
+            sub_state: sub.into(),
+            main_pid: main,
+            exec_main_pid: main,
+            job: job.map(str::to_owned),
+            result: "success".into(),
+            n_restarts: 0,
+        }
+    }
+
+    #[test]
+    fn a_hung_active_unit_is_restarted() {
+        assert_eq!(
+            plan(State::Hung, &unit("active", "running", Some(10), None), None),
+            Plan::Restart
+        );
+    }
+
+    #[test]
+    fn a_failed_unit_after_a_crash_is_restarted() {
+        let mut u = unit("failed", "failed", None, None);
+        u.result = "signal".into();
+        assert_eq!(plan(State::Crashed, &u, Some(10)), Plan::Restart);
+    }
+
+    #[test]
+    fn systemds_own_restart_is_left_to_it() {
+        let u = unit("activating", "auto-restart", None, None);
+        assert!(matches!(plan(State::Crashed, &u, Some(10)), Plan::LeaveToSystemd(_)));
+        let u = unit("activating", "start", Some(11), Some("start"));
+        assert!(matches!(plan(State::Crashed, &u, Some(10)), Plan::LeaveToSystemd(_)));
+    }
+
+    #[test]
+    fn a_new_main_process_means_systemd_already_restarted_it() {
+        let u = unit("active", "running", Some(11), None);
+        assert!(matches!(plan(State::Crashed, &u, Some(10)), Plan::LeaveToSystemd(_)));
+    }
+
+    #[test]
+    fn an_active_unit_without_a_main_process_is_not_taken_for_a_restart_by_systemd() {
+        let u = unit("active", "running", None, None);
+        assert_eq!(plan(State::Crashed, &u, Some(10)), Plan::Restart);
+    }
+
+    #[test]
+    fn an_operator_stop_is_never_undone() {
+        let u = unit("deactivating", "stop-sigterm", Some(10), Some("stop"));
+        assert!(matches!(plan(State::Crashed, &u, Some(10)), Plan::LeaveStopped(_)));
+        let u = unit("inactive", "dead", None, None);
+        assert!(matches!(plan(State::Crashed, &u, Some(10)), Plan::LeaveStopped(_)));
+        assert!(matches!(plan(State::Unreachable, &u, None), Plan::LeaveStopped(_)));
+    }
+
+    #[test]
+    fn systemds_start_limit_is_reported_not_fought() {
+        let mut u = unit("failed", "failed", None, None);
+        u.result = "start-limit-hit".into();
+        assert!(matches!(plan(State::Crashed, &u, Some(10)), Plan::Refused(_)));
     }
 }

@@ -11,10 +11,11 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
-    actuator::{self, RestartOutcome},
+    actuator::{self, ActuatorConfig, Plan, RestartOutcome},
+    budget::{Allowance, BudgetConfig, RestartBudget},
     cause::{self, SignalRecord},
     config::Settings,
     detector::{Decision, Detector, DetectorConfig, Observation, State, Verdict},
@@ -23,11 +24,19 @@ use crate::{
     probe::{self, ProbeResult},
     sensors::Sensors,
     status::{
-        self, ExitRecord, LatencyRecord, PendingRecord, ProbeRecord, RestartRecord, StatusDocument,
-        VerdictRecord, WallClock, millis, push_bounded,
+        self, ActionRecord, BudgetRecord, ExitRecord, LatencyRecord, PendingRecord, ProbeRecord,
+        RestartRecord, StatusDocument, VerdictRecord, WallClock, millis, push_action,
+        push_bounded,
     },
-    systemd::Systemd,
+    systemd::{Systemd, UnitStatus},
 };
+
+/// What the actuator's task came back with.
+struct ActionResult {
+    plan: Plan,
+    unit: UnitStatus,
+    restart: Option<RestartOutcome>,
+}
 
 /// How often the accept queue is sampled.
 const PENDING_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
@@ -62,6 +71,7 @@ pub async fn run(
     };
     let detector = Detector::new(DetectorConfig {
         stall_threshold: settings.stall_threshold,
+        failures_to_hang: settings.failures_to_hang,
         confirm_spacing: settings.probe_timeout,
         ..DetectorConfig::default()
     });
@@ -80,6 +90,15 @@ pub async fn run(
         last_exit: None,
         verdicts: Default::default(),
         restarts: Default::default(),
+        actions: Default::default(),
+        unit_state: UnitStatus::default(),
+        restart_budget: BudgetRecord {
+            allowance: Allowance::Allowed,
+            recent_restarts: 0,
+            max_restarts: budget_config(&settings).max_restarts,
+            window_s: budget_config(&settings).window.as_secs_f64(),
+        },
+        paused: false,
     });
     let server = tokio::spawn(status::serve(listener, status_rx));
     info!(
@@ -103,11 +122,27 @@ pub async fn run(
         restart_in_flight: None,
         latency: LatencyWindow::new(LATENCY_WINDOW),
         signals: VecDeque::new(),
+        budget: RestartBudget::new(budget_config(&settings)),
+        actuator: ActuatorConfig {
+            kill_grace: settings.kill_grace,
+            dump_stacks: settings.dump_stacks,
+            ..ActuatorConfig::default()
+        },
+        deferred: None,
     };
     agent.refresh_unit().await;
+    // systemd tells us at once when the unit changes (a new main PID after a restart by
+    // systemd or an operator), so the sensors follow without waiting for the next tick.
+    let mut unit_changes = match agent.systemd.unit_changes().await {
+        Ok(stream) => Some(Box::pin(stream)),
+        Err(e) => {
+            warn!("cannot follow the unit's changes as they happen ({e}); reading them every probe interval");
+            None
+        }
+    };
 
     let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(4);
-    let (restart_tx, mut restart_rx) = mpsc::channel::<RestartOutcome>(1);
+    let (restart_tx, mut restart_rx) = mpsc::channel::<ActionResult>(1);
     let mut probe_timer = tokio::time::interval(settings.probe_interval);
     probe_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending_timer = tokio::time::interval(PENDING_SAMPLE_INTERVAL);
@@ -118,18 +153,25 @@ pub async fn run(
     loop {
         let decision = tokio::select! {
             _ = &mut shutdown => break,
-            Some(event) = kernel_rx.recv() => agent.on_kernel_event(event),
+            Some(event) = kernel_rx.recv() => agent.on_kernel_event(event).await,
             Some(result) = probe_rx.recv() => agent.on_probe(result),
             _ = pending_timer.tick() => agent.sample_pending(),
             _ = probe_timer.tick() => {
                 agent.refresh_unit().await;
                 Decision::ProbeNow
             }
-            Some(outcome) = restart_rx.recv() => {
-                agent.on_restart_finished(outcome);
+            Some(result) = restart_rx.recv() => {
+                agent.on_action_finished(result);
                 // Confirm at once that the new containerd answers.
                 probe_timer.reset();
                 Decision::ProbeNow
+            }
+            Some(()) = next_change(&mut unit_changes) => {
+                agent.refresh_unit().await;
+                Decision::Wait
+            }
+            _ = deferred_until(agent.deferred.as_ref().map(|(_, at)| *at)) => {
+                agent.retry_deferred()
             }
             _ = status_timer.tick() => {
                 agent.publish_sensors();
@@ -148,6 +190,33 @@ pub async fn run(
     Ok(())
 }
 
+fn budget_config(settings: &Settings) -> BudgetConfig {
+    BudgetConfig {
+        initial_backoff: settings.restart_backoff,
+        max_restarts: settings.max_restarts as usize,
+        ..BudgetConfig::default()
+    }
+}
+
+/// The next change of the unit, or never when changes are not followed.
+async fn next_change(
+    changes: &mut Option<std::pin::Pin<Box<impl futures_util::Stream<Item = ()>>>>,
+) -> Option<()> {
+    use futures_util::StreamExt as _;
+    match changes {
+        Some(stream) => stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves at `at`, or never.
+async fn deferred_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Agent<'a> {
     settings: &'a Settings,
     systemd: Systemd,
@@ -161,6 +230,10 @@ struct Agent<'a> {
     restart_in_flight: Option<(Verdict, Instant)>,
     latency: LatencyWindow,
     signals: VecDeque<SignalRecord>,
+    budget: RestartBudget,
+    actuator: ActuatorConfig,
+    /// A verdict whose restart waits for the budget, and when to try again.
+    deferred: Option<(Verdict, Instant)>,
 }
 
 impl Agent<'_> {
@@ -179,6 +252,7 @@ impl Agent<'_> {
             }
         };
         self.set_main_pid(status.main_pid);
+        self.status.send_modify(|d| d.unit_state = status);
     }
 
     fn set_main_pid(&mut self, pid: Option<u32>) {
@@ -228,6 +302,11 @@ impl Agent<'_> {
                 d.containerd_version = version;
             }
         });
+        self.budget
+            .observe_health(Instant::now(), result.outcome.is_ok());
+        if result.outcome.is_ok() {
+            self.deferred = None;
+        }
         let observation = match result.outcome {
             Ok(version) => Observation::ProbeSucceeded {
                 latency: result.latency,
@@ -242,9 +321,22 @@ impl Agent<'_> {
         self.detector.observe(Instant::now(), observation)
     }
 
-    fn on_kernel_event(&mut self, event: KernelEvent) -> Decision {
+    async fn on_kernel_event(&mut self, event: KernelEvent) -> Decision {
         match event {
-            KernelEvent::Exit(exit) => self.on_exit(exit),
+            KernelEvent::Exit(exit) => {
+                if self.main_pid != Some(exit.pid) {
+                    // A process the kernel followed from its exec before systemd told us its
+                    // PID: ask systemd whether it was the unit's main process.
+                    self.refresh_unit().await;
+                    let was_main = self.status.borrow().unit_state.exec_main_pid == Some(exit.pid);
+                    if !was_main {
+                        debug!(pid = exit.pid, "exit of a process that was not containerd's main process");
+                        return Decision::Wait;
+                    }
+                    self.detector.set_main_pid(Some(exit.pid));
+                }
+                self.on_exit(exit)
+            }
             KernelEvent::Signal(s) => {
                 info!(target_pid = s.target, signal = ?s.signal, sender = s.sender_pid, sender_comm = %s.sender_comm, "signal to containerd");
                 if self.signals.len() == SIGNAL_HISTORY {
@@ -267,7 +359,17 @@ impl Agent<'_> {
     }
 
     fn on_exit(&mut self, exit: KernelExit) -> Decision {
-        let signals: Vec<SignalRecord> = self.signals.iter().cloned().collect();
+        let mut signals: Vec<SignalRecord> = self.signals.iter().cloned().collect();
+        // The kernel recorded the last signal with the exit itself: it cannot arrive late.
+        if let Some(s) = &exit.last_signal {
+            signals.push(SignalRecord {
+                target: s.target,
+                signal: s.signal,
+                sender_pid: s.sender_pid,
+                sender_comm: s.sender_comm.clone(),
+                at: s.at,
+            });
+        }
         let cause = (exit.source == crate::detector::Source::Ebpf)
             .then(|| cause::explain(exit.pid, exit.exit_code, exit.at, &signals));
         let description = match (&cause, exit.source) {
@@ -320,47 +422,180 @@ impl Agent<'_> {
         )
     }
 
-    fn act(&mut self, verdict: Verdict, done: &mpsc::Sender<RestartOutcome>) {
-        if self.settings.dry_run {
-            info!(reason = ?verdict.state, "dry run: would restart {}", self.settings.unit);
-            let record = RestartRecord {
-                at: self.clock.format(Instant::now()),
-                reason: verdict.state,
-                old_pid: verdict.pid,
-                job_result: "dry_run".into(),
-                error: None,
-                duration_ms: 0.0,
-                new_pid: None,
-            };
-            self.status
-                .send_modify(|d| push_bounded(&mut d.restarts, record));
-            return;
-        }
+    fn record_action(&mut self, action: &'static str, verdict: &Verdict, result: String) {
+        info!(action, reason = ?verdict.state, pid = ?verdict.pid, "{result}");
+        let record = ActionRecord {
+            at: self.clock.format(Instant::now()),
+            action,
+            reason: verdict.state,
+            evidence: verdict.evidence.iter().map(|e| e.detail.clone()).collect(),
+            result,
+            count: 1,
+        };
+        self.status.send_modify(|d| push_action(&mut d.actions, record));
+    }
+
+    fn publish_budget(&mut self) {
+        let allowance = self.budget.allowance(Instant::now());
+        let record = BudgetRecord {
+            allowance,
+            recent_restarts: self.budget.recent_restarts(),
+            max_restarts: budget_config(self.settings).max_restarts,
+            window_s: budget_config(self.settings).window.as_secs_f64(),
+        };
+        self.status.send_modify(|d| d.restart_budget = record);
+    }
+
+    fn act(&mut self, verdict: Verdict, done: &mpsc::Sender<ActionResult>) {
         if self.restart_in_flight.is_some() {
             return;
         }
-        info!(unit = %self.settings.unit, reason = ?verdict.state, pid = ?verdict.pid, "restarting containerd through systemd");
+        let paused = self.settings.pause_file.exists();
+        self.status.send_modify(|d| d.paused = paused);
+        if paused {
+            let result = format!(
+                "paused by {}: not restarting {}",
+                self.settings.pause_file.display(),
+                self.settings.unit
+            );
+            self.record_action("paused", &verdict, result);
+            return;
+        }
+        if self.settings.dry_run {
+            let result = format!("dry run: would restart {}", self.settings.unit);
+            self.record_action("dry_run", &verdict, result);
+            return;
+        }
+        let now = Instant::now();
+        match self.budget.allowance(now) {
+            Allowance::Allowed => {}
+            Allowance::BackingOff { retry_in } => {
+                let result = format!(
+                    "backing off: {} restart(s) recently; next attempt in {:.0} s",
+                    self.budget.recent_restarts(),
+                    retry_in.as_secs_f64()
+                );
+                self.record_action("back_off", &verdict, result);
+                self.deferred = Some((verdict, now + retry_in));
+                self.publish_budget();
+                return;
+            }
+            Allowance::GaveUp => {
+                let result = format!(
+                    "gave up: {} restarts within {:.0} min; no more until containerd is healthy again",
+                    self.budget.recent_restarts(),
+                    budget_config(self.settings).window.as_secs_f64() / 60.0
+                );
+                self.record_action("give_up", &verdict, result);
+                self.deferred = None;
+                self.publish_budget();
+                return;
+            }
+        }
+        self.deferred = None;
         self.detector
             .observe(Instant::now(), Observation::RestartStarted);
         self.status.send_modify(|d| d.state = State::Recovering);
-        self.restart_in_flight = Some((verdict, Instant::now()));
+        self.restart_in_flight = Some((verdict.clone(), now));
         let systemd = self.systemd.clone();
+        let config = self.actuator.clone();
         let done = done.clone();
+        let dead_pid = (verdict.state == State::Crashed).then_some(verdict.pid).flatten();
+        let main_pid = self.main_pid;
         tokio::spawn(async move {
-            let outcome = actuator::restart(&systemd).await;
-            let _ = done.send(outcome).await;
+            let unit = match actuator::settled_status(&systemd, dead_pid, config.settle).await {
+                Ok(unit) => unit,
+                Err(e) => {
+                    warn!("cannot read the unit before acting: {e}");
+                    UnitStatus::default()
+                }
+            };
+            let plan = actuator::plan(verdict.state, &unit, dead_pid);
+            let restart = match plan {
+                Plan::Restart => {
+                    Some(actuator::restart(&systemd, &config, verdict.state, main_pid).await)
+                }
+                _ => None,
+            };
+            let _ = done.send(ActionResult { plan, unit, restart }).await;
         });
     }
 
-    fn on_restart_finished(&mut self, outcome: RestartOutcome) {
+    /// Tries again a restart the budget deferred, if containerd still needs one.
+    fn retry_deferred(&mut self) -> Decision {
+        let Some((verdict, _)) = self.deferred.take() else {
+            return Decision::Wait;
+        };
+        if matches!(
+            self.detector.state(),
+            State::Crashed | State::Hung | State::Unreachable | State::Suspect
+        ) {
+            Decision::Restart(verdict)
+        } else {
+            Decision::Wait
+        }
+    }
+
+    fn on_action_finished(&mut self, result: ActionResult) {
         let Some((verdict, started)) = self.restart_in_flight.take() else {
             return;
         };
-        if outcome.succeeded() {
-            info!(job_result = %outcome.job_result, new_pid = ?outcome.new_pid, duration_ms = millis(outcome.duration), "restart finished");
+        self.status
+            .send_modify(|d| d.unit_state = result.unit.clone());
+        let Some(outcome) = result.restart else {
+            let (action, detail, observation) = match result.plan {
+                Plan::LeaveToSystemd(why) => (
+                    "leave_to_systemd",
+                    why,
+                    Observation::RestartFinished { ok: true },
+                ),
+                Plan::LeaveStopped(why) => (
+                    "leave_stopped",
+                    why.clone(),
+                    Observation::UnitStopped { detail: why },
+                ),
+                Plan::Refused(why) => (
+                    "refused_by_systemd",
+                    why,
+                    Observation::RestartFinished { ok: false },
+                ),
+                Plan::Restart => unreachable!("a restart plan always carries an outcome"),
+            };
+            self.record_action(action, &verdict, detail);
+            self.detector.observe(Instant::now(), observation);
+            self.set_main_pid(result.unit.main_pid);
+            return;
+        };
+        self.budget.record_restart(started);
+        let summary = if outcome.succeeded() {
+            format!(
+                "restarted {} through systemd: job {} in {:.0} ms, new PID {}{}",
+                self.settings.unit,
+                outcome.job_result,
+                millis(outcome.duration),
+                outcome.new_pid.map_or("unknown".into(), |p| p.to_string()),
+                if outcome.killed_main {
+                    " (the stop hung: the main process was killed)"
+                } else {
+                    ""
+                }
+            )
         } else {
-            error!(job_result = %outcome.job_result, error = ?outcome.error, "restart failed");
+            format!(
+                "restart of {} failed: job {}{}",
+                self.settings.unit,
+                outcome.job_result,
+                outcome
+                    .error
+                    .as_ref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            )
+        };
+        if !outcome.succeeded() {
+            error!("{summary}");
         }
+        self.record_action("restart", &verdict, summary);
         self.detector.observe(
             Instant::now(),
             Observation::RestartFinished {
@@ -376,13 +611,23 @@ impl Agent<'_> {
             error: outcome.error,
             duration_ms: millis(outcome.duration),
             new_pid: outcome.new_pid,
+            stack_dump: outcome.stack_dump,
+            killed_main: outcome.killed_main,
         };
         self.status
             .send_modify(|d| push_bounded(&mut d.restarts, record));
+        self.publish_budget();
     }
 
     /// Refreshes the slowly changing parts: sensor costs, heartbeat counts, latency window.
     fn publish_sensors(&mut self) {
+        self.publish_budget();
+        let paused = self.settings.pause_file.exists();
+        self.status.send_if_modified(|d| {
+            let changed = d.paused != paused;
+            d.paused = paused;
+            changed
+        });
         let sensors = self.sensors.record();
         let heartbeat = self.sensors.heartbeat();
         let latency = self.latency.summary(Instant::now()).map(|s| LatencyRecord {

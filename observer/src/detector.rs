@@ -79,6 +79,8 @@ pub enum Observation {
     RestartFinished {
         ok: bool,
     },
+    /// systemd reports the unit stopped on purpose (by an operator, or a clean exit).
+    UnitStopped { detail: String },
     /// The kernel's view of containerd's accept queue.
     Pending {
         count: u32,
@@ -125,6 +127,8 @@ pub enum State {
     Unreachable,
     /// A restart is in flight or has finished and containerd has not answered yet.
     Recovering,
+    /// An operator stopped the unit: nothing is restarted until it runs again.
+    Stopped,
 }
 
 /// A judgement worth recording: what was seen, when, and why.
@@ -224,7 +228,7 @@ impl Detector {
                     at: started,
                     detail: format!("Version() failed ({}): {error}", failure_name(failure)),
                 });
-                if self.restart_in_flight || self.state == State::Crashed {
+                if self.restart_in_flight || matches!(self.state, State::Crashed | State::Stopped) {
                     return Decision::Wait;
                 }
                 if let Some(stall) = &self.stall
@@ -264,7 +268,7 @@ impl Detector {
                 if self.main_pid.is_some_and(|main| main != pid) || self.restart_in_flight {
                     return Decision::Wait;
                 }
-                if self.state == State::Crashed {
+                if matches!(self.state, State::Crashed | State::Stopped) {
                     return Decision::Wait;
                 }
                 let evidence = Evidence {
@@ -285,7 +289,7 @@ impl Detector {
                     self.stall = None;
                     return Decision::Wait;
                 };
-                if self.restart_in_flight || self.state == State::Crashed {
+                if self.restart_in_flight || matches!(self.state, State::Crashed | State::Stopped) {
                     return Decision::Wait;
                 }
                 let queued = now.checked_sub(age).unwrap_or(now);
@@ -312,6 +316,20 @@ impl Detector {
                 } else {
                     Decision::Wait
                 }
+            }
+            Observation::UnitStopped { detail } => {
+                self.restart_in_flight = false;
+                self.stall = None;
+                self.failed_probes.clear();
+                if self.state != State::Stopped {
+                    let evidence = Evidence {
+                        source: Source::Systemd,
+                        at: now,
+                        detail,
+                    };
+                    self.record(now, State::Stopped, now, vec![evidence]);
+                }
+                Decision::Wait
             }
             Observation::RestartStarted => {
                 self.restart_in_flight = true;
@@ -621,6 +639,57 @@ mod tests {
             d.observe(t0 + ms(10), failed(t0, ProbeFailure::Refused)),
             Decision::Wait
         );
+    }
+
+    #[test]
+    fn an_operator_stop_is_final_until_containerd_answers_again() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0, exit(100, t0));
+        d.observe(t0, Observation::RestartStarted);
+        d.observe(
+            t0 + ms(5),
+            Observation::UnitStopped {
+                detail: "inactive".into(),
+            },
+        );
+        assert_eq!(d.state(), State::Stopped);
+        for i in 0..10 {
+            let t = t0 + ms(100 * i);
+            assert_eq!(d.observe(t, failed(t, ProbeFailure::Refused)), Decision::Wait);
+            assert_eq!(d.observe(t, pending(Some(5000))), Decision::Wait);
+        }
+        d.observe(t0 + ms(2000), ok());
+        assert_eq!(d.state(), State::Healthy);
+    }
+
+    #[test]
+    fn late_exit_of_an_old_pid_after_recovery_is_ignored() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0, exit(100, t0));
+        d.observe(t0, Observation::RestartStarted);
+        d.observe(t0, Observation::RestartFinished { ok: true });
+        d.set_main_pid(Some(200));
+        d.observe(t0 + ms(10), ok());
+        assert_eq!(d.observe(t0 + ms(20), exit(100, t0)), Decision::Wait);
+        assert_eq!(d.state(), State::Healthy);
+    }
+
+    #[test]
+    fn probe_jitter_around_the_deadline_does_not_flap_into_a_restart() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        // Alternating late and timely answers: never three failures in a row.
+        for i in 0..30u64 {
+            let t = t0 + ms(i * 2000);
+            let decision = if i % 3 == 2 {
+                d.observe(t, ok())
+            } else {
+                d.observe(t, failed(t, ProbeFailure::Timeout))
+            };
+            assert!(!matches!(decision, Decision::Restart(_)), "restart at {i}");
+        }
     }
 
     #[test]

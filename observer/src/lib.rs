@@ -11,12 +11,17 @@
 pub mod actuator;
 pub mod agent;
 pub mod btf;
+pub mod budget;
 pub mod cause;
 pub mod config;
 pub mod detector;
+pub mod health;
 pub mod heartbeat;
 pub mod kernel;
 pub mod latency;
+pub mod logging;
+pub mod metrics;
+pub mod notify;
 pub mod pidfd;
 pub mod probe;
 pub mod sensors;

@@ -68,7 +68,10 @@ async fn shutdown_signal() {
 }
 
 async fn show_status(args: StatusArgs) -> ExitCode {
-    let body = match status::fetch(args.status_listen).await {
+    let addr = args
+        .status_listen
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 9847)));
+    let body = match status::fetch(addr).await {
         Ok(body) => body,
         Err(e) => {
             eprintln!("observer status: {e}");

@@ -161,10 +161,11 @@ impl Sensors {
             for index in 0..self.listeners.len() as u32 {
                 kernel.forget_listener(index);
             }
-            if let Some(pid) = pid
-                && let Err(e) = kernel.watch_only(pid)
-            {
-                warn!("cannot point the kernel sensors at PID {pid}: {e}");
+            if let Some(pid) = pid {
+                if let Err(e) = kernel.watch_only(pid) {
+                    warn!("cannot point the kernel sensors at PID {pid}: {e}");
+                }
+                kernel.follow_executables(&executable_paths(pid));
             }
         }
         if self.exit_by_pidfd {
@@ -236,7 +237,8 @@ impl Sensors {
                     },
                 };
                 let sensor = match cost.program {
-                    observer_common::PROCESS_EXIT_PROGRAM => &mut record.process_exit,
+                    observer_common::PROCESS_EXIT_PROGRAM
+                    | observer_common::PROCESS_EXEC_PROGRAM => &mut record.process_exit,
                     observer_common::SIGNAL_PROGRAM | observer_common::OOM_PROGRAM => {
                         &mut record.exit_cause
                     }
@@ -266,6 +268,23 @@ impl Sensors {
     }
 }
 
+/// The paths a process's binary may be exec'd by: the resolved one and its `argv[0]`.
+fn executable_paths(pid: u32) -> Vec<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let mut paths = Vec::new();
+    if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) {
+        paths.push(exe.as_os_str().as_bytes().to_vec());
+    }
+    if let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline"))
+        && let Some(argv0) = cmdline.split(|b| *b == 0).next()
+        && argv0.starts_with(b"/")
+        && !paths.iter().any(|p| p == argv0)
+    {
+        paths.push(argv0.to_vec());
+    }
+    paths
+}
+
 fn watch_with_pidfd(pid: u32, events: mpsc::Sender<KernelEvent>) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut watch = match PidExitWatch::open(pid) {
@@ -284,6 +303,7 @@ fn watch_with_pidfd(pid: u32, events: mpsc::Sender<KernelEvent>) -> JoinHandle<(
             last_thread: pid,
             comm: String::new(),
             exit_code: None,
+            last_signal: None,
             at: Instant::now(),
             delivery: Duration::ZERO,
             source: Source::Pidfd,

@@ -40,6 +40,38 @@ pub struct StatusDocument {
     pub last_exit: Option<ExitRecord>,
     pub verdicts: VecDeque<VerdictRecord>,
     pub restarts: VecDeque<RestartRecord>,
+    /// Every decision the actuator carried out or declined, newest last.
+    pub actions: VecDeque<ActionRecord>,
+    /// systemd's view of the unit at the last look.
+    pub unit_state: crate::systemd::UnitStatus,
+    /// Whether the actuator may restart now, is backing off, or gave up.
+    pub restart_budget: BudgetRecord,
+    /// The pause switch: while set, the agent judges and records but never acts.
+    pub paused: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionRecord {
+    pub at: String,
+    /// `restart`, `leave_to_systemd`, `leave_stopped`, `refused_by_systemd`, `back_off`,
+    /// `give_up`, `dry_run` or `paused`.
+    pub action: &'static str,
+    /// The verdict that asked for it.
+    pub reason: State,
+    pub evidence: Vec<String>,
+    /// What came of it, in words.
+    pub result: String,
+    /// How many times in a row this same action was taken (repeats are folded).
+    pub count: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BudgetRecord {
+    #[serde(flatten)]
+    pub allowance: crate::budget::Allowance,
+    pub recent_restarts: usize,
+    pub max_restarts: usize,
+    pub window_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -137,11 +169,15 @@ pub struct RestartRecord {
     /// The verdict that asked for it.
     pub reason: State,
     pub old_pid: Option<u32>,
-    /// systemd's job result (`done`, `failed`, `timeout`, …), or `dry_run`, or `error`.
+    /// systemd's job result (`done`, `failed`, `timeout`, …), or `error`.
     pub job_result: String,
     pub error: Option<String>,
     pub duration_ms: f64,
     pub new_pid: Option<u32>,
+    /// Where containerd's goroutine dump went, for a hang.
+    pub stack_dump: Option<String>,
+    /// The stop hung past the grace and systemd killed the main process.
+    pub killed_main: bool,
 }
 
 /// Maps the agent's monotonic instants onto wall-clock time for display.
@@ -197,6 +233,20 @@ impl VerdictRecord {
                 .collect(),
         }
     }
+}
+
+/// Appends an action, folding it into the last one when it repeats it.
+pub fn push_action(actions: &mut VecDeque<ActionRecord>, action: ActionRecord) {
+    if let Some(last) = actions.back_mut()
+        && last.action == action.action
+        && last.reason == action.reason
+        && last.result == action.result
+    {
+        last.count += 1;
+        last.at = action.at;
+        return;
+    }
+    push_bounded(actions, action);
 }
 
 /// Appends to a bounded history, dropping the oldest entry when full.

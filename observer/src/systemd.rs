@@ -18,6 +18,7 @@ use crate::config::Bus;
 trait Manager {
     fn load_unit(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     fn restart_unit(&self, name: &str, mode: &str) -> zbus::Result<OwnedObjectPath>;
+    fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
     fn subscribe(&self) -> zbus::Result<()>;
     #[zbus(signal)]
     fn job_removed(
@@ -40,6 +41,18 @@ trait Unit {
     fn sub_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn load_state(&self) -> zbus::Result<String>;
+    /// The job pending on the unit: (0, "/") when none.
+    #[zbus(property)]
+    fn job(&self) -> zbus::Result<(u32, OwnedObjectPath)>;
+}
+
+#[proxy(
+    interface = "org.freedesktop.systemd1.Job",
+    default_service = "org.freedesktop.systemd1"
+)]
+trait Job {
+    #[zbus(property)]
+    fn job_type(&self) -> zbus::Result<String>;
 }
 
 #[proxy(
@@ -49,6 +62,15 @@ trait Unit {
 trait Service {
     #[zbus(property, name = "MainPID")]
     fn main_pid(&self) -> zbus::Result<u32>;
+    /// The last main process, kept after it exits.
+    #[zbus(property, name = "ExecMainPID")]
+    fn exec_main_pid(&self) -> zbus::Result<u32>;
+    /// `success`, `exit-code`, `signal`, `core-dump`, `timeout`, `start-limit-hit`, …
+    #[zbus(property)]
+    fn result(&self) -> zbus::Result<String>;
+    /// How many times systemd restarted the unit by its `Restart=` setting.
+    #[zbus(property)]
+    fn n_restarts(&self) -> zbus::Result<u32>;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,11 +90,18 @@ pub enum SystemdError {
 }
 
 /// systemd's view of one unit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct UnitStatus {
     pub active_state: String,
     pub sub_state: String,
     pub main_pid: Option<u32>,
+    /// The last main process, kept after it exits.
+    pub exec_main_pid: Option<u32>,
+    /// The type of the job pending on the unit (`start`, `stop`, `restart`, …), if any.
+    pub job: Option<String>,
+    /// The result of the unit's last run.
+    pub result: String,
+    pub n_restarts: u32,
 }
 
 /// A connection to systemd's manager, scoped to the unit running containerd.
@@ -166,17 +195,73 @@ impl Systemd {
             .main_pid()
             .await
             .map_err(|source| call("MainPID", source))?;
+        let exec_main_pid = service
+            .exec_main_pid()
+            .await
+            .map_err(|source| call("ExecMainPID", source))?;
+        let result = service
+            .result()
+            .await
+            .map_err(|source| call("Result", source))?;
+        let n_restarts = service.n_restarts().await.unwrap_or(0);
+        let (job_id, job_path) = unit.job().await.map_err(|source| call("Job", source))?;
+        let job = if job_id == 0 {
+            None
+        } else {
+            // The job can finish between the two reads; then there is none.
+            match JobProxy::builder(&self.connection)
+                .path(job_path)
+                .map(|b| b.cache_properties(CacheProperties::No))
+            {
+                Ok(builder) => match builder.build().await {
+                    Ok(job) => job.job_type().await.ok(),
+                    Err(_) => None,
+                },
+                Err(_) => None,
+            }
+        };
         Ok(UnitStatus {
             active_state,
             sub_state,
             main_pid: (main_pid != 0).then_some(main_pid),
+            exec_main_pid: (exec_main_pid != 0).then_some(exec_main_pid),
+            job,
+            result,
+            n_restarts,
         })
     }
 
-    /// `RestartUnit(unit, "replace")`, then waits for the job's result ("done", "failed", …).
-    pub async fn restart(&self, timeout: Duration) -> Result<String, SystemdError> {
+    /// `KillUnit(unit, "main", signal)`: systemd signals the unit's main process.
+    pub async fn kill_main(&self, signal: i32) -> Result<(), SystemdError> {
+        self.manager
+            .kill_unit(&self.unit, "main", signal)
+            .await
+            .map_err(|source| call(&format!("KillUnit({}, main, {signal})", self.unit), source))
+    }
+
+    /// Resolves each time systemd reports a change of the unit's properties (`MainPID`,
+    /// `ActiveState`, …), so the agent can re-read them at once instead of at its next tick.
+    pub async fn unit_changes(
+        &self,
+    ) -> Result<impl futures_util::Stream<Item = ()> + Send + 'static, SystemdError> {
+        let properties = zbus::fdo::PropertiesProxy::builder(&self.connection)
+            .destination("org.freedesktop.systemd1")
+            .and_then(|b| b.path(self.unit_path.clone()))
+            .map_err(|source| call("a proxy for the unit's properties", source))?
+            .build()
+            .await
+            .map_err(|source| call("a proxy for the unit's properties", source))?;
+        let changes = properties
+            .receive_properties_changed()
+            .await
+            .map_err(|source| call("a match on PropertiesChanged", source))?;
+        Ok(changes.map(|_| ()))
+    }
+
+    /// `RestartUnit(unit, "replace")`: returns the queued job, to wait on.
+    pub async fn begin_restart(&self) -> Result<RestartJob, SystemdError> {
         // Listen before asking, so the job cannot finish unseen.
-        let mut removed = self
+        let removed = self
             .manager
             .receive_job_removed()
             .await
@@ -186,10 +271,26 @@ impl Systemd {
             .restart_unit(&self.unit, "replace")
             .await
             .map_err(|source| call(&format!("RestartUnit({}, replace)", self.unit), source))?;
+        Ok(RestartJob { job, removed })
+    }
+}
+
+/// A restart job systemd is running.
+pub struct RestartJob {
+    job: OwnedObjectPath,
+    removed: JobRemovedStream,
+}
+
+impl RestartJob {
+    /// Waits up to `timeout` for the job's result (`done`, `failed`, `timeout`, …);
+    /// `None` if it is still running then.
+    pub async fn wait(&mut self, timeout: Duration) -> Result<Option<String>, SystemdError> {
+        let job = &self.job;
+        let removed = &mut self.removed;
         let wait = async {
             while let Some(signal) = removed.next().await {
                 if let Ok(args) = signal.args()
-                    && args.job == job
+                    && args.job == *job
                 {
                     return Some(args.result.clone());
                 }
@@ -197,16 +298,17 @@ impl Systemd {
             None
         };
         match tokio::time::timeout(timeout, wait).await {
-            Ok(Some(result)) => Ok(result),
+            Ok(Some(result)) => Ok(Some(result)),
             Ok(None) => Err(call(
                 "the JobRemoved stream",
                 zbus::Error::Failure("the bus connection closed".into()),
             )),
-            Err(_) => Err(SystemdError::JobTimeout {
-                job: job.to_string(),
-                timeout,
-            }),
+            Err(_) => Ok(None),
         }
+    }
+
+    pub fn path(&self) -> String {
+        self.job.to_string()
     }
 }
 

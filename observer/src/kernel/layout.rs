@@ -108,6 +108,7 @@ fn read_format(category: &str, name: &str) -> Result<(PathBuf, String), String> 
 /// The tracepoints the programs use, with their formats as this kernel has them.
 pub struct Formats {
     pub process_exit: Tracepoint,
+    pub process_exec: Tracepoint,
     pub signal_generate: Tracepoint,
     pub mark_victim: Tracepoint,
     pub sk_data_ready: Tracepoint,
@@ -118,6 +119,7 @@ impl Formats {
     pub fn read() -> Self {
         Self {
             process_exit: Tracepoint::read("sched", "sched_process_exit"),
+            process_exec: Tracepoint::read("sched", "sched_process_exec"),
             signal_generate: Tracepoint::read("signal", "signal_generate"),
             mark_victim: Tracepoint::read("oom", "mark_victim"),
             sk_data_ready: Tracepoint::read("sock", "sk_data_ready"),
@@ -162,6 +164,7 @@ pub fn build(formats: &Formats, offsets: &StructOffsets) -> Layout {
     let or_none = |o: Option<u32>| o.unwrap_or(NO_OFFSET);
     Layout {
         exit_group_dead: or_none(formats.process_exit.offset("group_dead", 1)),
+        exec_filename: or_none(formats.process_exec.offset("filename", 4)),
         task_exit_code: or_none(offsets.task_exit_code.clone().ok()),
         signal_sig: or_none(formats.signal_generate.offset("sig", 4)),
         signal_pid: or_none(formats.signal_generate.offset("pid", 4)),
@@ -171,6 +174,7 @@ pub fn build(formats: &Formats, offsets: &StructOffsets) -> Layout {
         data_ready_family: or_none(formats.sk_data_ready.offset("family", 2)),
         consume_skbaddr: or_none(formats.consume_skb.offset("skbaddr", 8)),
         sock_receive_queue_tail: or_none(offsets.sock_receive_queue_tail.clone().ok()),
+        _reserved: 0,
         reported_signals: FATAL_SIGNALS,
     }
 }
@@ -236,6 +240,7 @@ print fmt: \"comm=%s pid=%d prio=%d group_dead=%s\", REC->comm, REC->pid, REC->p
         );
         let formats = Formats {
             process_exit: tracepoint(&old),
+            process_exec: tracepoint(""),
             signal_generate: tracepoint(""),
             mark_victim: tracepoint(""),
             sk_data_ready: tracepoint(""),

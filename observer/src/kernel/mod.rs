@@ -26,7 +26,8 @@ use aya::{
 };
 use observer_common::{
     ACCEPT_EVENTS_MAP, ACCEPT_PROGRAM, AcceptEvent, CONNECT_PROGRAM, COUNTERS_MAP,
-    EXIT_CODE_UNKNOWN, EXIT_EVENTS_MAP, ExitEvent, LAYOUT_GLOBAL, LEARN_MAP, LISTENERS_MAP,
+    EXIT_CODE_UNKNOWN, EXIT_EVENTS_MAP, ExePath, ExitEvent, FOLLOW_EXE_MAP, MAX_FOLLOW_EXE,
+    PROCESS_EXEC_PROGRAM, LAYOUT_GLOBAL, LEARN_MAP, LISTENERS_MAP,
     LearnSlot, MAX_LISTENERS, NO_OFFSET, OOM_PROGRAM, PENDING_MAP, PROCESS_EXIT_PROGRAM,
     PendingConnection, SIGNAL_EVENTS_MAP, SIGNAL_PROGRAM, SignalEvent, WATCHED_PIDS_MAP, counter,
     signal_kind,
@@ -73,6 +74,8 @@ pub struct KernelExit {
     pub comm: String,
     /// The kernel's exit code (`status << 8`, or the fatal signal), if readable.
     pub exit_code: Option<u32>,
+    /// The last fatal signal or OOM kill aimed at the process, recorded in kernel order.
+    pub last_signal: Option<KernelSignal>,
     /// When the kernel ran the exit, on this process's monotonic clock.
     pub at: Instant,
     /// How long the record took from the kernel to the agent.
@@ -165,6 +168,7 @@ pub struct KernelSensors {
     listeners: Array<MapData, u64>,
     pending: BpfHashMap<MapData, u64, PendingConnection>,
     counters: PerCpuArray<MapData, u64>,
+    follow_exe: Option<Array<MapData, ExePath>>,
     learner: Option<ListenerLearner>,
     states: SensorStates,
     attached: Vec<&'static str>,
@@ -221,6 +225,17 @@ impl KernelSensors {
         let exit_hook = "tracepoint sched/sched_process_exit".to_owned();
         let process_exit = attach(&mut ebpf, PROCESS_EXIT_PROGRAM, &formats.process_exit, &[]);
         let mut exit_notes = Vec::new();
+        let follow = attach(
+            &mut ebpf,
+            PROCESS_EXEC_PROGRAM,
+            &formats.process_exec,
+            &[formats.process_exec.require("filename", 4)],
+        );
+        if let Err(e) = &follow {
+            exit_notes.push(format!(
+                "a new containerd is watched once systemd reports its PID, not from its exec: {e}"
+            ));
+        }
         if layout.exit_group_dead == NO_OFFSET {
             exit_notes.push("no group_dead field on this kernel: the thread-group leader's exit stands for the process's exit".to_owned());
         }
@@ -295,6 +310,13 @@ impl KernelSensors {
             .map_err(|e| map_err(PENDING_MAP, e))?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, COUNTERS_MAP)?)
             .map_err(|e| map_err(COUNTERS_MAP, e))?;
+        let follow_exe = match follow {
+            Ok(()) => Some(
+                Array::try_from(take_map(&mut ebpf, FOLLOW_EXE_MAP)?)
+                    .map_err(|e| map_err(FOLLOW_EXE_MAP, e))?,
+            ),
+            Err(_) => None,
+        };
         let learn =
             Array::try_from(take_map(&mut ebpf, LEARN_MAP)?).map_err(|e| map_err(LEARN_MAP, e))?;
         let learner = states
@@ -316,6 +338,7 @@ impl KernelSensors {
                     last_thread: e.tid,
                     comm: comm_to_string(&e.comm),
                     exit_code: (e.exit_code != EXIT_CODE_UNKNOWN).then_some(e.exit_code),
+                last_signal: (e.last_signal.target != 0).then(|| signal_from(&e.last_signal)),
                     at,
                     delivery,
                     source: Source::Ebpf,
@@ -350,6 +373,7 @@ impl KernelSensors {
             listeners,
             pending,
             counters,
+            follow_exe,
             learner,
             states,
             attached,
@@ -383,6 +407,21 @@ impl KernelSensors {
         }
         debug!(pid, "kernel PID filter updated");
         Ok(())
+    }
+
+    /// Sets the executables whose exec is watched at once (containerd's binary, as systemd
+    /// runs it). Paths that do not fit are skipped.
+    pub fn follow_executables(&mut self, paths: &[Vec<u8>]) {
+        let Some(map) = self.follow_exe.as_mut() else {
+            return;
+        };
+        let mut slots = paths.iter().filter_map(|p| ExePath::new(p));
+        for index in 0..MAX_FOLLOW_EXE {
+            let exe = slots.next().unwrap_or(ExePath::EMPTY);
+            if let Err(e) = map.set(index, exe, 0) {
+                warn!("cannot set the followed executable: {e}");
+            }
+        }
     }
 
     /// Connections now waiting on listener `index`, from the kernel's pending map. Entries
@@ -521,6 +560,16 @@ fn forward<T: Pod + Send + 'static>(
         }
     });
     Ok(())
+}
+
+fn signal_from(e: &SignalEvent) -> KernelSignal {
+    KernelSignal {
+        target: e.target,
+        signal: (e.kind == signal_kind::SIGNAL).then_some(e.signal),
+        sender_pid: e.sender_tgid,
+        sender_comm: comm_to_string(&e.sender_comm),
+        at: monotonic_to_instant(e.monotonic_ns).0,
+    }
 }
 
 fn spawn_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {

@@ -1,0 +1,137 @@
+//! The agent's own health, as `/livez`, `/readyz` and systemd's watchdog see it.
+//!
+//! The main loop records a beat on every turn; the agent is live while the last beat is
+//! recent. It is ready once its sensors have started (on eBPF or on their fallbacks) and its
+//! first probe has finished, whatever that probe found: readiness says the observer watches,
+//! not that containerd is well.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+/// How long the main loop may go without a turn before the agent counts as not live. The
+/// loop turns at least once a second (its status timer), and a turn may wait up to 2 s for
+/// systemd.
+pub const LIVENESS_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Shared between the main loop (which writes) and the HTTP handlers (which read).
+#[derive(Debug)]
+pub struct Health {
+    started: Instant,
+    /// Milliseconds from `started` to the loop's last turn, plus one (0: no turn yet).
+    last_beat_ms: AtomicU64,
+    sensors_started: AtomicBool,
+    first_probe_done: AtomicBool,
+}
+
+/// Why the agent is not ready, for `/readyz`'s 503 body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NotReady {
+    pub ready: bool,
+    /// What it still waits for: `sensors` and/or `first_probe`.
+    pub waiting_for: Vec<&'static str>,
+}
+
+impl Health {
+    pub fn new() -> Arc<Self> {
+        Self::starting_at(Instant::now())
+    }
+
+    fn starting_at(started: Instant) -> Arc<Self> {
+        Arc::new(Self {
+            started,
+            last_beat_ms: AtomicU64::new(0),
+            sensors_started: AtomicBool::new(false),
+            first_probe_done: AtomicBool::new(false),
+        })
+    }
+
+    /// The main loop turned at `now`.
+    pub fn beat(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.started).as_millis() as u64;
+        self.last_beat_ms.store(ms + 1, Ordering::Relaxed);
+    }
+
+    /// Time since the loop's last turn; `None` before its first.
+    pub fn since_last_beat(&self, now: Instant) -> Option<Duration> {
+        match self.last_beat_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => {
+                let at = self.started + Duration::from_millis(ms - 1);
+                Some(now.saturating_duration_since(at))
+            }
+        }
+    }
+
+    /// Whether the loop turned within [`LIVENESS_DEADLINE`] of `now`.
+    pub fn is_live(&self, now: Instant) -> bool {
+        self.since_last_beat(now)
+            .is_some_and(|d| d <= LIVENESS_DEADLINE)
+    }
+
+    pub fn sensors_started(&self) {
+        self.sensors_started.store(true, Ordering::Relaxed);
+    }
+
+    pub fn probe_finished(&self) {
+        self.first_probe_done.store(true, Ordering::Relaxed);
+    }
+
+    /// `Ok` when ready; otherwise what the agent still waits for.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        let mut waiting_for = Vec::new();
+        if !self.sensors_started.load(Ordering::Relaxed) {
+            waiting_for.push("sensors");
+        }
+        if !self.first_probe_done.load(Ordering::Relaxed) {
+            waiting_for.push("first_probe");
+        }
+        if waiting_for.is_empty() {
+            Ok(())
+        } else {
+            Err(NotReady {
+                ready: false,
+                waiting_for,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_ready_until_sensors_and_first_probe() {
+        let health = Health::new();
+        assert_eq!(
+            health.readiness().unwrap_err().waiting_for,
+            ["sensors", "first_probe"]
+        );
+        health.sensors_started();
+        assert_eq!(health.readiness().unwrap_err().waiting_for, ["first_probe"]);
+        health.probe_finished();
+        assert_eq!(health.readiness(), Ok(()));
+    }
+
+    #[test]
+    fn live_only_while_the_loop_turns() {
+        let t0 = Instant::now();
+        let health = Health::starting_at(t0);
+        assert!(!health.is_live(t0), "no turn yet");
+        health.beat(t0 + Duration::from_secs(1));
+        assert!(health.is_live(t0 + Duration::from_secs(1)));
+        assert!(health.is_live(t0 + Duration::from_secs(1) + LIVENESS_DEADLINE));
+        assert!(!health.is_live(t0 + Duration::from_secs(2) + LIVENESS_DEADLINE));
+        assert_eq!(
+            health.since_last_beat(t0 + Duration::from_secs(3)),
+            Some(Duration::from_secs(2))
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! The actuator against a real systemd user manager: it restarts what systemd will not, leaves
+//! to systemd what systemd already does, never starts what an operator stopped, kills a stop
+//! that hangs, and backs off from a crash loop.
+//!
+//! Needs root, BTF and the tracepoints the kernel sensors use, systemd, containerd, unshare.
+
+use std::time::{Duration, Instant};
+
+use observer_tests::{Need, Observer, Sandbox, SandboxOptions, require};
+use serde_json::Value;
+
+const NEEDS: &[Need] = &[
+    Need::Root,
+    Need::Btf,
+    Need::Systemd,
+    Need::Containerd,
+    Need::Unshare,
+];
+
+fn parse(body: &str) -> Value {
+    serde_json::from_str(body).expect("status is JSON")
+}
+
+fn status(observer: &Observer) -> Value {
+    let (code, body) = observer.get("/status").expect("GET /status");
+    assert_eq!(code, 200, "{body}");
+    parse(&body)
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on a sandbox process.
+    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill {sig} {pid}");
+}
+
+fn healthy(observer: &Observer) {
+    observer
+        .wait_for("a healthy containerd", Duration::from_secs(15), |b| {
+            parse(b)["state"] == "healthy"
+        })
+        .expect("healthy");
+}
+
+fn actions(doc: &Value) -> Vec<String> {
+    doc["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn n_restarts(sandbox: &Sandbox) -> u32 {
+    sandbox
+        .systemctl(&["show", "-p", "NRestarts", "--value", sandbox.unit()])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_crash_under_restart_always_is_left_to_systemd() {
+    if require("a_crash_under_restart_always_is_left_to_systemd", NEEDS).is_err() {
+        return;
+    }
+    let sandbox = Sandbox::start(
+        SandboxOptions::new()
+            .restart("always")
+            .service_extra("RestartSec=300ms"),
+    )
+    .expect("sandbox");
+    let observer = Observer::spawn(&sandbox, &[]).expect("observer");
+    healthy(&observer);
+    let old = sandbox.main_pid().unwrap().unwrap();
+    signal(old, libc::SIGKILL);
+    let new = sandbox
+        .wait_for_pid(Some(old), Duration::from_secs(10))
+        .expect("systemd restarts it");
+    let body = observer
+        .wait_for("the observer to follow", Duration::from_secs(10), |b| {
+            let d = parse(b);
+            d["containerd_pid"] == new && d["state"] == "healthy"
+        })
+        .expect("followed");
+    // Give a second restart every chance to happen, then check there was none.
+    std::thread::sleep(Duration::from_secs(2));
+    let doc = status(&observer);
+    assert_eq!(n_restarts(&sandbox), 1, "exactly one restart, systemd's: {doc}");
+    assert_eq!(sandbox.main_pid().unwrap(), Some(new));
+    assert!(doc["restarts"].as_array().unwrap().is_empty(), "{doc}");
+    assert!(
+        actions(&doc).contains(&"leave_to_systemd".to_owned()),
+        "{body}"
+    );
+}
+
+#[test]
+fn an_operators_stop_is_never_undone() {
+    if require("an_operators_stop_is_never_undone", NEEDS).is_err() {
+        return;
+    }
+    let sandbox = Sandbox::start(SandboxOptions::new()).expect("sandbox");
+    let observer = Observer::spawn(&sandbox, &[]).expect("observer");
+    healthy(&observer);
+    sandbox.systemctl(&["stop", sandbox.unit()]).expect("stop");
+    observer
+        .wait_for("the stopped verdict", Duration::from_secs(15), |b| {
+            parse(b)["state"] == "stopped"
+        })
+        .expect("stopped");
+    std::thread::sleep(Duration::from_secs(3));
+    let doc = status(&observer);
+    assert_eq!(doc["state"], "stopped", "{doc}");
+    assert_eq!(sandbox.unit_state().unwrap().0, "inactive", "{doc}");
+    assert!(doc["restarts"].as_array().unwrap().is_empty(), "{doc}");
+    assert!(actions(&doc).contains(&"leave_stopped".to_owned()), "{doc}");
+    // Started again by the operator, it is watched again.
+    sandbox.systemctl(&["start", sandbox.unit()]).expect("start");
+    healthy(&observer);
+}
+
+/// Time from SIGSTOP to a finished restart, in a fresh sandbox.
+fn freeze_and_time_restart(extra: &[&str]) -> (Duration, Value) {
+    let sandbox = Sandbox::start(SandboxOptions::new()).expect("sandbox");
+    let observer = Observer::spawn(&sandbox, extra).expect("observer");
+    healthy(&observer);
+    let pid = sandbox.main_pid().unwrap().unwrap();
+    let frozen = Instant::now();
+    signal(pid, libc::SIGSTOP);
+    let body = observer
+        .wait_for("a restart after the freeze", Duration::from_secs(30), |b| {
+            parse(b)["restarts"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["job_result"] == "done"))
+        })
+        .expect("restarted");
+    let took = frozen.elapsed();
+    assert!(
+        sandbox
+            .wait_for_pid(Some(pid), Duration::from_secs(10))
+            .is_ok()
+    );
+    (took, parse(&body))
+}
+
+#[test]
+fn a_frozen_containerd_is_restarted_sooner_than_by_polling_alone() {
+    if require("a_frozen_containerd_is_restarted_sooner_than_by_polling_alone", NEEDS).is_err()
+    {
+        return;
+    }
+    let (fused, fused_doc) = freeze_and_time_restart(&[]);
+    let (polling, polling_doc) = freeze_and_time_restart(&["--no-ebpf"]);
+    eprintln!("freeze to restart: fused {fused:?}, polling only {polling:?}");
+    let hang = |doc: &Value| {
+        doc["verdicts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["state"] == "hung")
+            .cloned()
+            .unwrap_or_else(|| panic!("no hung verdict: {doc}"))
+    };
+    let fused_hang = hang(&fused_doc);
+    let sources: Vec<&str> = fused_hang["evidence"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["source"].as_str().unwrap())
+        .collect();
+    assert_eq!(sources, ["ebpf", "probe"], "kernel evidence and one probe: {fused_doc}");
+    let polling_hang = hang(&polling_doc);
+    assert!(
+        polling_hang["evidence"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["source"] == "probe"),
+        "{polling_doc}"
+    );
+    assert!(
+        fused < polling,
+        "fused ({fused:?}) restarts before polling only ({polling:?})"
+    );
+}
+
+#[test]
+fn a_stop_that_hangs_is_cut_short_long_before_timeout_stop_sec() {
+    if require("a_stop_that_hangs_is_cut_short", NEEDS).is_err() {
+        return;
+    }
+    // The main process ignores SIGTERM and keeps containerd as its child: a stop hangs until
+    // TimeoutStopSec (90 s) unless someone kills the main process.
+    let wedged = "/bin/sh -c 'trap \"\" TERM; /usr/bin/containerd --config {dir}/containerd/config.toml & while :; do sleep 1; done'";
+    let sandbox = Sandbox::start(
+        SandboxOptions::new()
+            .exec_start(wedged)
+            .service_extra("NotifyAccess=all\nKillMode=control-group\nTimeoutStopSec=90s"),
+    )
+    .expect("sandbox");
+    let observer = Observer::spawn(&sandbox, &["--kill-grace", "2s", "--no-stack-dump"])
+        .expect("observer");
+    healthy(&observer);
+    let main = sandbox.main_pid().unwrap().unwrap();
+    let children = std::fs::read_to_string(format!("/proc/{main}/task/{main}/children")).unwrap();
+    let containerd = children
+        .split_whitespace()
+        .map(|p| p.parse::<u32>().unwrap())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "containerd")
+        })
+        .expect("containerd runs under the wedged main process");
+    let frozen = Instant::now();
+    signal(containerd, libc::SIGSTOP);
+    let body = observer
+        .wait_for("a restart that killed the main process", Duration::from_secs(40), |b| {
+            parse(b)["restarts"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["killed_main"] == true))
+        })
+        .expect("restart with kill");
+    let doc = parse(&body);
+    let restart = &doc["restarts"][0];
+    assert_eq!(restart["job_result"], "done", "{doc}");
+    healthy(&observer);
+    let took = frozen.elapsed();
+    assert!(
+        took < Duration::from_secs(60),
+        "healthy again after {took:?}, before TimeoutStopSec (90 s) would have ended the stop"
+    );
+}
+
+#[test]
+fn a_crash_loop_backs_off_and_gives_up() {
+    if require("a_crash_loop_backs_off_and_gives_up", NEEDS).is_err() {
+        return;
+    }
+    let sandbox = Sandbox::start(SandboxOptions::new()).expect("sandbox");
+    let observer = Observer::spawn(
+        &sandbox,
+        &[
+            "--restart-backoff",
+            "2s",
+            "--max-restarts",
+            "3",
+            "--probe-interval",
+            "500ms",
+            "--probe-timeout",
+            "250ms",
+        ],
+    )
+    .expect("observer");
+    healthy(&observer);
+    // Break containerd's config, then crash it: every start from now on fails.
+    std::fs::write(
+        sandbox.dir().join("containerd/config.toml"),
+        "version = 2\nthis is not toml\n",
+    )
+    .unwrap();
+    signal(sandbox.main_pid().unwrap().unwrap(), libc::SIGKILL);
+    let body = observer
+        .wait_for("the observer to give up", Duration::from_secs(40), |b| {
+            actions(&parse(b)).contains(&"give_up".to_owned())
+        })
+        .expect("gave up");
+    let doc = parse(&body);
+    let restarts = doc["restarts"].as_array().unwrap();
+    assert_eq!(restarts.len(), 3, "{doc}");
+    assert!(restarts.iter().all(|r| r["job_result"] != "done"), "{doc}");
+    assert!(actions(&doc).contains(&"back_off".to_owned()), "{doc}");
+    assert_eq!(doc["restart_budget"]["state"], "gave_up", "{doc}");
+    // It stays given up: no more restarts while containerd cannot start.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(status(&observer)["restarts"].as_array().unwrap().len(), 3);
+}
