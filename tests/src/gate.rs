@@ -51,6 +51,16 @@ impl fmt::Display for Need {
     }
 }
 
+/// What every test that runs the observer against a sandbox needs: eBPF (root and BTF), a
+/// systemd user manager in its own mount namespace, and containerd.
+pub const OBSERVER_NEEDS: &[Need] = &[
+    Need::Root,
+    Need::Btf,
+    Need::Systemd,
+    Need::Containerd,
+    Need::Unshare,
+];
+
 /// A privileged test that could not run here. [`require`] has already said why on stderr.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Skip {

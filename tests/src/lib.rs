@@ -34,7 +34,7 @@ mod sandbox;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-pub use gate::{Need, Skip, require};
+pub use gate::{Need, OBSERVER_NEEDS, Skip, require};
 pub use observer::{Observer, free_local_addr, observer_bin};
 pub use sandbox::{Sandbox, SandboxOptions};
 
@@ -102,6 +102,21 @@ pub enum SandboxError {
         path: String,
         detail: String,
     },
+}
+
+/// Sends `signal` to a sandbox process (containerd, usually): the fault injection of the tests.
+///
+/// # Panics
+/// When the process does not exist: a test that signals a process it did not find is wrong.
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    let rc = unsafe { libc::kill(pid as i32, signal) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {signal}) failed: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 impl SandboxError {

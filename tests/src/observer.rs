@@ -117,6 +117,47 @@ impl Observer {
         })
     }
 
+    /// `GET /status`, parsed.
+    pub fn status(&self) -> Result<serde_json::Value, SandboxError> {
+        let (code, body) = self.get("/status")?;
+        if code != 200 {
+            return Err(SandboxError::Http {
+                addr: self.status_addr,
+                path: "/status".into(),
+                detail: format!("HTTP {code}: {body}"),
+            });
+        }
+        serde_json::from_str(&body).map_err(|err| SandboxError::Http {
+            addr: self.status_addr,
+            path: "/status".into(),
+            detail: format!("not JSON ({err}): {body}"),
+        })
+    }
+
+    /// Like [`wait_for`](Self::wait_for), on the parsed document.
+    pub fn wait_for_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut pred: impl FnMut(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value, SandboxError> {
+        let body = self.wait_for(what, timeout, |body| {
+            serde_json::from_str(body).is_ok_and(|doc| pred(&doc))
+        })?;
+        serde_json::from_str(&body).map_err(|err| SandboxError::Http {
+            addr: self.status_addr,
+            path: "/status".into(),
+            detail: format!("not JSON ({err}): {body}"),
+        })
+    }
+
+    /// Waits until containerd is judged healthy.
+    pub fn wait_healthy(&self, timeout: Duration) -> Result<serde_json::Value, SandboxError> {
+        self.wait_for_status("a healthy containerd", timeout, |doc| {
+            doc["state"] == "healthy"
+        })
+    }
+
     /// Waits until `GET /status` answers 200.
     pub fn wait_ready(&self, timeout: Duration) -> Result<(), SandboxError> {
         self.wait_for("the observer's /status to answer 200", timeout, |_| true)

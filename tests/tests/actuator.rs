@@ -6,37 +6,20 @@
 
 use std::time::{Duration, Instant};
 
-use observer_tests::{Need, Observer, Sandbox, SandboxOptions, require};
+use observer_tests::{OBSERVER_NEEDS as NEEDS, Observer, Sandbox, SandboxOptions, require, signal};
 use serde_json::Value;
-
-const NEEDS: &[Need] = &[
-    Need::Root,
-    Need::Btf,
-    Need::Systemd,
-    Need::Containerd,
-    Need::Unshare,
-];
 
 fn parse(body: &str) -> Value {
     serde_json::from_str(body).expect("status is JSON")
 }
 
 fn status(observer: &Observer) -> Value {
-    let (code, body) = observer.get("/status").expect("GET /status");
-    assert_eq!(code, 200, "{body}");
-    parse(&body)
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) on a sandbox process.
-    assert_eq!(unsafe { libc::kill(pid as i32, sig) }, 0, "kill {sig} {pid}");
+    observer.status().expect("GET /status")
 }
 
 fn healthy(observer: &Observer) {
     observer
-        .wait_for("a healthy containerd", Duration::from_secs(15), |b| {
-            parse(b)["state"] == "healthy"
-        })
+        .wait_healthy(Duration::from_secs(15))
         .expect("healthy");
 }
 
@@ -85,7 +68,11 @@ fn a_crash_under_restart_always_is_left_to_systemd() {
     // Give a second restart every chance to happen, then check there was none.
     std::thread::sleep(Duration::from_secs(2));
     let doc = status(&observer);
-    assert_eq!(n_restarts(&sandbox), 1, "exactly one restart, systemd's: {doc}");
+    assert_eq!(
+        n_restarts(&sandbox),
+        1,
+        "exactly one restart, systemd's: {doc}"
+    );
     assert_eq!(sandbox.main_pid().unwrap(), Some(new));
     assert!(doc["restarts"].as_array().unwrap().is_empty(), "{doc}");
     assert!(
@@ -115,7 +102,9 @@ fn an_operators_stop_is_never_undone() {
     assert!(doc["restarts"].as_array().unwrap().is_empty(), "{doc}");
     assert!(actions(&doc).contains(&"leave_stopped".to_owned()), "{doc}");
     // Started again by the operator, it is watched again.
-    sandbox.systemctl(&["start", sandbox.unit()]).expect("start");
+    sandbox
+        .systemctl(&["start", sandbox.unit()])
+        .expect("start");
     healthy(&observer);
 }
 
@@ -145,7 +134,11 @@ fn freeze_and_time_restart(extra: &[&str]) -> (Duration, Value) {
 
 #[test]
 fn a_frozen_containerd_is_restarted_sooner_than_by_polling_alone() {
-    if require("a_frozen_containerd_is_restarted_sooner_than_by_polling_alone", NEEDS).is_err()
+    if require(
+        "a_frozen_containerd_is_restarted_sooner_than_by_polling_alone",
+        NEEDS,
+    )
+    .is_err()
     {
         return;
     }
@@ -168,7 +161,11 @@ fn a_frozen_containerd_is_restarted_sooner_than_by_polling_alone() {
         .iter()
         .map(|e| e["source"].as_str().unwrap())
         .collect();
-    assert_eq!(sources, ["ebpf", "probe"], "kernel evidence and one probe: {fused_doc}");
+    assert_eq!(
+        sources,
+        ["ebpf", "probe"],
+        "kernel evidence and one probe: {fused_doc}"
+    );
     let polling_hang = hang(&polling_doc);
     assert!(
         polling_hang["evidence"]
@@ -198,8 +195,8 @@ fn a_stop_that_hangs_is_cut_short_long_before_timeout_stop_sec() {
             .service_extra("NotifyAccess=all\nKillMode=control-group\nTimeoutStopSec=90s"),
     )
     .expect("sandbox");
-    let observer = Observer::spawn(&sandbox, &["--kill-grace", "2s", "--no-stack-dump"])
-        .expect("observer");
+    let observer =
+        Observer::spawn(&sandbox, &["--kill-grace", "2s", "--no-stack-dump"]).expect("observer");
     healthy(&observer);
     let main = sandbox.main_pid().unwrap().unwrap();
     let children = std::fs::read_to_string(format!("/proc/{main}/task/{main}/children")).unwrap();
@@ -214,11 +211,15 @@ fn a_stop_that_hangs_is_cut_short_long_before_timeout_stop_sec() {
     let frozen = Instant::now();
     signal(containerd, libc::SIGSTOP);
     let body = observer
-        .wait_for("a restart that killed the main process", Duration::from_secs(40), |b| {
-            parse(b)["restarts"]
-                .as_array()
-                .is_some_and(|r| r.iter().any(|r| r["killed_main"] == true))
-        })
+        .wait_for(
+            "a restart that killed the main process",
+            Duration::from_secs(40),
+            |b| {
+                parse(b)["restarts"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|r| r["killed_main"] == true))
+            },
+        )
         .expect("restart with kill");
     let doc = parse(&body);
     let restart = &doc["restarts"][0];

@@ -5,22 +5,7 @@
 
 use std::time::Duration;
 
-use observer_tests::{Need, Observer, Sandbox, SandboxOptions, require};
-use serde_json::Value;
-
-const NEEDS: &[Need] = &[
-    Need::Root,
-    Need::Btf,
-    Need::Systemd,
-    Need::Containerd,
-    Need::Unshare,
-];
-
-fn status(observer: &Observer) -> Value {
-    let (code, body) = observer.get("/status").expect("GET /status");
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).expect("status is JSON")
-}
+use observer_tests::{OBSERVER_NEEDS, Sandbox, SandboxOptions, require, signal};
 
 /// `ctr version` against the sandbox's socket: an answer from the server, independent of
 /// the observer's own probe.
@@ -38,34 +23,29 @@ fn containerd_answers(sandbox: &Sandbox) -> bool {
 fn sigkill_is_seen_through_ebpf_and_restarted_over_dbus() {
     if require(
         "sigkill_is_seen_through_ebpf_and_restarted_over_dbus",
-        NEEDS,
+        OBSERVER_NEEDS,
     )
     .is_err()
     {
         return;
     }
     let sandbox = Sandbox::start(SandboxOptions::new().restart("no")).expect("sandbox");
-    let observer = Observer::spawn(&sandbox, &[]).expect("observer");
-    observer
-        .wait_for("a healthy containerd", Duration::from_secs(15), |body| {
-            body.contains(r#""state":"healthy""#)
-        })
+    let observer = observer_tests::Observer::spawn(&sandbox, &[]).expect("observer");
+    let doc = observer
+        .wait_healthy(Duration::from_secs(15))
         .expect("healthy");
-    let doc = status(&observer);
     assert_eq!(doc["mode"], "fused", "{doc}");
     assert_eq!(doc["sensors"]["process_exit"]["state"], "on", "{doc}");
     let old_pid = sandbox.main_pid().unwrap().expect("containerd runs");
     assert_eq!(doc["containerd_pid"], old_pid);
 
-    // SAFETY: kill(2) on the sandbox's containerd.
-    assert_eq!(unsafe { libc::kill(old_pid as i32, libc::SIGKILL) }, 0);
+    signal(old_pid, libc::SIGKILL);
 
-    let body = observer
-        .wait_for("a finished restart", Duration::from_secs(20), |body| {
-            body.contains(r#""job_result":"done""#)
+    let doc = observer
+        .wait_for_status("a finished restart", Duration::from_secs(20), |doc| {
+            doc["restarts"][0]["job_result"] == "done"
         })
         .expect("restart");
-    let doc: Value = serde_json::from_str(&body).unwrap();
     let crash = doc["verdicts"]
         .as_array()
         .unwrap()

@@ -7,16 +7,8 @@
 
 use std::time::Duration;
 
-use observer_tests::{Need, Observer, Sandbox, SandboxOptions, require};
+use observer_tests::{OBSERVER_NEEDS as NEEDS, Observer, Sandbox, SandboxOptions, require, signal};
 use serde_json::Value;
-
-const NEEDS: &[Need] = &[
-    Need::Root,
-    Need::Btf,
-    Need::Systemd,
-    Need::Containerd,
-    Need::Unshare,
-];
 
 fn parse(body: &str) -> Value {
     serde_json::from_str(body).expect("status is JSON")
@@ -24,15 +16,6 @@ fn parse(body: &str) -> Value {
 
 fn number(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
-}
-
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) on a sandbox process.
-    assert_eq!(
-        unsafe { libc::kill(pid as i32, sig) },
-        0,
-        "kill {sig} {pid}"
-    );
 }
 
 #[test]
@@ -88,9 +71,7 @@ fn a_frozen_accept_loop_shows_an_ageing_pending_connection() {
     // --dry-run: judge but never restart, so containerd stays frozen.
     let observer = Observer::spawn(&sandbox, &["--dry-run"]).expect("observer");
     observer
-        .wait_for("a healthy containerd", Duration::from_secs(15), |b| {
-            b.contains(r#""state":"healthy""#)
-        })
+        .wait_healthy(Duration::from_secs(15))
         .expect("healthy");
     let pid = sandbox.main_pid().unwrap().unwrap();
     signal(pid, libc::SIGSTOP);
@@ -125,9 +106,7 @@ fn sigkill_names_the_signal_and_its_sender_and_a_restarted_pid_is_still_watched(
     let sandbox = Sandbox::start(SandboxOptions::new()).expect("sandbox");
     let observer = Observer::spawn(&sandbox, &[]).expect("observer");
     observer
-        .wait_for("a healthy containerd", Duration::from_secs(15), |b| {
-            b.contains(r#""state":"healthy""#)
-        })
+        .wait_healthy(Duration::from_secs(15))
         .expect("healthy");
     let first = sandbox.main_pid().unwrap().unwrap();
     signal(first, libc::SIGKILL);
@@ -218,12 +197,9 @@ fn without_ebpf_pidfd_and_sock_diag_stand_in() {
     let sandbox = Sandbox::start(SandboxOptions::new()).expect("sandbox");
     let observer =
         Observer::spawn(&sandbox, &["--fallback-sensors", "--dry-run"]).expect("observer");
-    let body = observer
-        .wait_for("a healthy containerd", Duration::from_secs(15), |b| {
-            b.contains(r#""state":"healthy""#)
-        })
+    let doc = observer
+        .wait_healthy(Duration::from_secs(15))
         .expect("healthy");
-    let doc = parse(&body);
     assert_eq!(doc["mode"], "fallback", "{doc}");
     assert_eq!(doc["sensors"]["process_exit"]["state"], "fallback", "{doc}");
     assert_eq!(doc["sensors"]["accept_queue"]["state"], "fallback", "{doc}");
