@@ -181,6 +181,19 @@ pub async fn restart(
         }
     };
     let new_pid = systemd.status().await.ok().and_then(|s| s.main_pid);
+    // A frozen containerd handles SIGUSR1 only once systemd's stop wakes it (SIGCONT): the
+    // dump may have appeared during the restart.
+    if let (Some(note), Some(pid)) = (&mut stack_dump, main_pid)
+        && note.starts_with("SIGUSR1 sent; no dump")
+    {
+        let file = stack_dump_path(pid);
+        if file.exists() {
+            *note = format!(
+                "written to {} and containerd's log while it was being stopped",
+                file.display()
+            );
+        }
+    }
     RestartOutcome {
         job_result,
         error,
@@ -200,7 +213,7 @@ async fn request_stack_dump(systemd: &Systemd, pid: Option<u32>) -> String {
     let Some(pid) = pid else {
         return "SIGUSR1 sent; the main PID is unknown, so the dump file cannot be named".into();
     };
-    let file = PathBuf::from(format!("/tmp/containerd.{pid}.stacks.log"));
+    let file = stack_dump_path(pid);
     let deadline = Instant::now() + Duration::from_millis(500);
     while Instant::now() < deadline {
         if file.exists() {
@@ -213,6 +226,11 @@ async fn request_stack_dump(systemd: &Systemd, pid: Option<u32>) -> String {
         "SIGUSR1 sent; no dump at {} within 500 ms (a frozen containerd cannot write one; with PrivateTmp it lands in the unit's private /tmp)",
         file.display()
     )
+}
+
+/// Where containerd 1.6 writes its goroutine dump, besides its log.
+fn stack_dump_path(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/tmp/containerd.{pid}.stacks.log"))
 }
 
 #[cfg(test)]

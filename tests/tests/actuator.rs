@@ -166,6 +166,26 @@ fn a_frozen_containerd_is_restarted_sooner_than_by_polling_alone() {
         ["ebpf", "probe"],
         "kernel evidence and one probe: {fused_doc}"
     );
+    // The dump was asked for before the restart; containerd wrote it once systemd's stop
+    // woke it.
+    let dump = fused_doc["restarts"][0]["stack_dump"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        dump.starts_with("written to /tmp/containerd."),
+        "{fused_doc}"
+    );
+    for doc in [&fused_doc, &polling_doc] {
+        let dump = doc["restarts"][0]["stack_dump"]
+            .as_str()
+            .unwrap_or_default();
+        if let Some(path) = dump
+            .strip_prefix("written to ")
+            .and_then(|d| d.split(' ').next())
+        {
+            let _ = std::fs::remove_file(path);
+        }
+    }
     let polling_hang = hang(&polling_doc);
     assert!(
         polling_hang["evidence"]
