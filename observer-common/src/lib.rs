@@ -48,6 +48,18 @@ pub const CONNECT_PROGRAM: &str = "connect_queued";
 /// Program on `skb/consume_skb`: containerd took a queued connection off the listener.
 pub const ACCEPT_PROGRAM: &str = "accept_consumed";
 
+/// Fast path, program on `tp_btf/sched_process_exit`: a watched process exited (BTF-typed
+/// task argument, whole-process exit from `signal_struct.live`).
+pub const PROCESS_EXIT_BTF_PROGRAM: &str = "process_exit_btf";
+/// Fast path, fentry on `unix_stream_connect`: a unix connection is starting.
+pub const CONNECT_ENTRY_PROGRAM: &str = "connect_entry";
+/// Fast path, fexit on `unix_stream_connect`: it was queued on a listener, or failed.
+pub const CONNECT_EXIT_PROGRAM: &str = "connect_exit";
+/// Fast path, fexit on `unix_accept`: containerd took a connection off its listener.
+pub const ACCEPT_EXIT_PROGRAM: &str = "accept_exit";
+/// `PendingConnection::listener_index` of a connect still inside `unix_stream_connect`.
+pub const IN_FLIGHT: u32 = u32::MAX;
+
 /// How many listening sockets can be watched at once.
 pub const MAX_LISTENERS: u32 = 4;
 /// Offset value meaning "this kernel has no such field".
@@ -100,6 +112,19 @@ pub struct Layout {
     pub _reserved: u32,
     /// Bit `n` set: signal `n` is worth reporting (fatal by default).
     pub reported_signals: u64,
+    /// Fast path: `task_struct.signal`, or [`NO_OFFSET`].
+    pub task_signal: u32,
+    /// Fast path: `signal_struct.live` (threads still alive), or [`NO_OFFSET`].
+    pub signal_live: u32,
+    /// Fast path: `socket.sk`, or [`NO_OFFSET`].
+    pub socket_sk: u32,
+    /// Fast path: `unix_sock.peer`, or [`NO_OFFSET`].
+    pub unix_peer: u32,
+    /// Fast path: `unix_sock.path` + `path.dentry`: the socket file a connection was made
+    /// to, which names its listener; or [`NO_OFFSET`].
+    pub unix_path_dentry: u32,
+    /// Zero; keeps the struct free of implicit padding.
+    pub _reserved2: u32,
 }
 
 impl Layout {
@@ -118,6 +143,12 @@ impl Layout {
         sock_receive_queue_tail: NO_OFFSET,
         _reserved: 0,
         reported_signals: 0,
+        task_signal: NO_OFFSET,
+        signal_live: NO_OFFSET,
+        socket_sk: NO_OFFSET,
+        unix_peer: NO_OFFSET,
+        unix_path_dentry: NO_OFFSET,
+        _reserved2: 0,
     };
 }
 
@@ -307,7 +338,7 @@ mod tests {
         assert_eq!(size_of::<PendingConnection>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<AcceptEvent>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<LearnSlot>(), 8);
-        assert_eq!(size_of::<Layout>(), 11 * 4 + 4 + 8);
+        assert_eq!(size_of::<Layout>(), 11 * 4 + 4 + 8 + 6 * 4);
         assert_eq!(size_of::<ExePath>(), 128);
     }
 

@@ -13,8 +13,10 @@
 #![no_std]
 #![no_main]
 
+mod fentry;
+
 use aya_ebpf::{
-    EbpfContext as _,
+    EbpfContext,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
@@ -131,9 +133,17 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
         unsafe { bpf_probe_read_kernel(task.add(layout.task_exit_code as usize).cast::<u32>()) }
             .unwrap_or(EXIT_CODE_UNKNOWN)
     };
+    report_exit(&ctx, tgid, tid, exit_code);
+    0
+}
+
+/// Sends the exit of watched process `tgid`, with the last fatal signal aimed at it, and
+/// stops watching it. Shared by the tracepoint and the tp_btf exit programs.
+#[inline(always)]
+fn report_exit<C: EbpfContext>(ctx: &C, tgid: u32, tid: u32, exit_code: u32) {
     // Rare (containerd's own exit), so a log line costs nothing here.
     info!(
-        &ctx,
+        ctx,
         "watched process {} exited (last thread {}, code {})", tgid, tid, exit_code
     );
     // SAFETY: the entry is copied out before it is removed.
@@ -163,7 +173,6 @@ pub fn process_exit(ctx: TracePointContext) -> u32 {
         }
         None => count(counter::RING_FULL),
     }
-    0
 }
 
 /// Watches a process the moment it execs containerd's binary, so a containerd that systemd

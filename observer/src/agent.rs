@@ -6,12 +6,13 @@
 
 use std::{
     collections::VecDeque,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     actuator::{self, ActuatorConfig, Plan, RestartOutcome},
@@ -19,14 +20,17 @@ use crate::{
     cause::{self, SignalRecord},
     config::Settings,
     detector::{Decision, Detector, DetectorConfig, Observation, State, Verdict},
+    health::Health,
     kernel::{KernelAccept, KernelEvent, KernelExit},
     latency::LatencyWindow,
+    metrics::{Metrics, state_label},
+    notify::Notifier,
     probe::{self, ProbeResult},
     sensors::Sensors,
     status::{
-        self, ActionRecord, BudgetRecord, ExitRecord, LatencyRecord, PendingRecord, ProbeRecord,
-        RestartRecord, StatusDocument, VerdictRecord, WallClock, millis, push_action,
-        push_bounded,
+        self, ActionRecord, BudgetRecord, Endpoint, ExitRecord, LatencyRecord, ObserverRecord,
+        PendingRecord, ProbeRecord, RestartRecord, StatusDocument, VerdictRecord, WallClock,
+        millis, push_action, push_bounded,
     },
     systemd::{Systemd, UnitStatus},
 };
@@ -44,6 +48,9 @@ const PENDING_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 const LATENCY_WINDOW: Duration = Duration::from_secs(60);
 /// Recent signals kept to name an exit's cause.
 const SIGNAL_HISTORY: usize = 64;
+/// How long shutdown waits for a restart in flight to finish before recording it as
+/// interrupted (systemd carries on with the job either way).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(
@@ -58,10 +65,23 @@ pub async fn run(
                 settings.status_listen
             )
         })?;
+    let unix_listener = match &settings.status_socket {
+        Some(path) => Some(status::bind_unix(path).with_context(|| {
+            format!(
+                "cannot serve the status endpoint on {}; choose another with --status-socket",
+                path.display()
+            )
+        })?),
+        None => None,
+    };
+    let health = Health::new();
+    let metrics = Arc::new(Metrics::new());
+    let mut notifier = Notifier::from_env();
     let systemd = Systemd::connect(&settings.bus, &settings.unit).await?;
 
     let (kernel_tx, mut kernel_rx) = mpsc::channel::<KernelEvent>(256);
     let sensors = Sensors::start(&settings, kernel_tx);
+    health.sensors_started();
     let mode = if settings.no_ebpf {
         "polling_only"
     } else if sensors.ebpf_loaded() {
@@ -73,9 +93,9 @@ pub async fn run(
         stall_threshold: settings.stall_threshold,
         failures_to_hang: settings.failures_to_hang,
         confirm_spacing: settings.probe_timeout,
-        ..DetectorConfig::default()
     });
     let (status_tx, status_rx) = watch::channel(StatusDocument {
+        observer: ObserverRecord::current(),
         state: detector.state(),
         unit: settings.unit.clone(),
         containerd_pid: None,
@@ -100,9 +120,17 @@ pub async fn run(
         },
         paused: false,
     });
-    let server = tokio::spawn(status::serve(listener, status_rx));
+    let endpoint = Endpoint {
+        status: status_rx,
+        health: health.clone(),
+        metrics: metrics.clone(),
+    };
+    let server = tokio::spawn(endpoint.serve(listener, unix_listener));
+    crate::kubernetes::spawn(status_tx.subscribe());
     info!(
         status = %format!("http://{}/status", settings.status_listen),
+        status_socket = ?settings.status_socket,
+        watchdog = ?notifier.watchdog_every().map(|d| d * 2),
         unit = %settings.unit,
         socket = %settings.socket.display(),
         bus = %settings.bus,
@@ -116,6 +144,7 @@ pub async fn run(
         sensors,
         detector,
         status: status_tx,
+        metrics,
         clock: WallClock::new(),
         main_pid: None,
         probe_in_flight: false,
@@ -149,12 +178,17 @@ pub async fn run(
     pending_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut status_timer = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
+    // The state last told to systemd; `None` until READY=1 was sent.
+    let mut notified: Option<State> = None;
 
     loop {
         let decision = tokio::select! {
             _ = &mut shutdown => break,
             Some(event) = kernel_rx.recv() => agent.on_kernel_event(event).await,
-            Some(result) = probe_rx.recv() => agent.on_probe(result),
+            Some(result) = probe_rx.recv() => {
+                health.probe_finished();
+                agent.on_probe(result)
+            }
             _ = pending_timer.tick() => agent.sample_pending(),
             _ = probe_timer.tick() => {
                 agent.refresh_unit().await;
@@ -179,13 +213,39 @@ pub async fn run(
             }
         };
         agent.publish_verdicts();
+        // The agent's own health: only a turning loop pets systemd's watchdog.
+        let now = Instant::now();
+        health.beat(now);
+        notifier.pet_if_due(now);
+        let state = agent.detector.state();
+        if notified != Some(state) && health.readiness().is_ok() {
+            let line = format!("containerd is {}", state_label(state));
+            if notified.is_none() {
+                info!("observer ready: sensors started and the first probe finished");
+                notifier.ready(&line);
+            } else {
+                notifier.status(&line);
+            }
+            notified = Some(state);
+        }
         match decision {
             Decision::Wait => {}
             Decision::ProbeNow => agent.start_probe(&probe_tx),
             Decision::Restart(verdict) => agent.act(verdict, &restart_tx),
         }
     }
+    notifier.stopping();
+    // issue 5 (shutdown): a restart in flight is finished or recorded, never lost silently.
+    if let Some((verdict, _)) = &agent.restart_in_flight {
+        info!(unit = %settings.unit, reason = ?verdict.state, "shutting down: waiting up to {SHUTDOWN_GRACE:?} for the restart in flight");
+        match tokio::time::timeout(SHUTDOWN_GRACE, restart_rx.recv()).await {
+            Ok(Some(result)) => agent.on_action_finished(result),
+            _ => agent.record_interrupted_restart(),
+        }
+    }
     server.abort();
+    // Dropping the sensors detaches the eBPF programs and stops the heartbeat thread.
+    drop(agent);
     info!("observer stopped");
     Ok(())
 }
@@ -223,6 +283,7 @@ struct Agent<'a> {
     sensors: Sensors,
     detector: Detector,
     status: watch::Sender<StatusDocument>,
+    metrics: Arc<Metrics>,
     clock: WallClock,
     main_pid: Option<u32>,
     probe_in_flight: bool,
@@ -296,6 +357,7 @@ impl Agent<'_> {
             error: result.outcome.as_ref().err().map(|(_, e)| e.clone()),
         };
         let version = record.version.clone();
+        self.metrics.probe(&record.result, result.latency);
         self.status.send_modify(|d| {
             d.last_probe = Some(record);
             if version.is_some() {
@@ -353,6 +415,7 @@ impl Agent<'_> {
             }
             KernelEvent::Accept(KernelAccept { latency, at, .. }) => {
                 self.latency.record(at, latency);
+                self.metrics.accept(latency);
                 Decision::Wait
             }
         }
@@ -382,6 +445,7 @@ impl Agent<'_> {
             (None, _) => format!("pidfd: process {} exited", exit.pid),
         };
         info!(pid = exit.pid, source = ?exit.source, "{description}");
+        self.metrics.exit(cause.as_ref());
         let record = ExitRecord {
             at: self.clock.format(exit.at),
             pid: exit.pid,
@@ -412,6 +476,7 @@ impl Agent<'_> {
             source: Some(source),
         };
         self.status.send_modify(|d| d.pending_connections = record);
+        self.metrics.pending(snapshot.count, snapshot.oldest_age);
         self.detector.observe(
             now,
             Observation::Pending {
@@ -422,13 +487,23 @@ impl Agent<'_> {
         )
     }
 
+    /// Records an action in the document, the metrics and the log, one line each.
     fn record_action(&mut self, action: &'static str, verdict: &Verdict, result: String) {
-        info!(action, reason = ?verdict.state, pid = ?verdict.pid, "{result}");
+        let evidence: Vec<String> = verdict.evidence.iter().map(|e| e.detail.clone()).collect();
+        // Failures and refusals stand out in the log; the rest is routine.
+        let alarming = matches!(action, "give_up" | "refused_by_systemd")
+            || (action == "restart" && !result.starts_with("restarted"));
+        if alarming {
+            warn!(action, reason = ?verdict.state, pid = ?verdict.pid, ?evidence, "{result}");
+        } else {
+            info!(action, reason = ?verdict.state, pid = ?verdict.pid, ?evidence, "{result}");
+        }
+        self.metrics.action(action);
         let record = ActionRecord {
             at: self.clock.format(Instant::now()),
             action,
             reason: verdict.state,
-            evidence: verdict.evidence.iter().map(|e| e.detail.clone()).collect(),
+            evidence,
             result,
             count: 1,
         };
@@ -592,9 +667,7 @@ impl Agent<'_> {
                     .unwrap_or_default()
             )
         };
-        if !outcome.succeeded() {
-            error!("{summary}");
-        }
+        self.metrics.restart(verdict.state, &outcome.job_result);
         self.record_action("restart", &verdict, summary);
         self.detector.observe(
             Instant::now(),
@@ -617,6 +690,20 @@ impl Agent<'_> {
         self.status
             .send_modify(|d| push_bounded(&mut d.restarts, record));
         self.publish_budget();
+    }
+
+    /// At shutdown, records the restart still in flight: systemd carries on with the job, but
+    /// the agent will not see its result.
+    fn record_interrupted_restart(&mut self) {
+        let Some((verdict, _)) = self.restart_in_flight.take() else {
+            return;
+        };
+        self.metrics.restart(verdict.state, "interrupted");
+        let result = format!(
+            "interrupted by shutdown: systemd carries on with the restart of {}, but its result was not seen",
+            self.settings.unit
+        );
+        self.record_action("restart", &verdict, result);
     }
 
     /// Refreshes the slowly changing parts: sensor costs, heartbeat counts, latency window.
@@ -657,9 +744,11 @@ impl Agent<'_> {
                 evidence = ?evidence,
                 "verdict"
             );
+            self.metrics.verdict(record.state);
             self.status
                 .send_modify(|d| push_bounded(&mut d.verdicts, record));
         }
+        self.metrics.set_state(state);
         self.status.send_if_modified(|d| {
             let changed = d.state != state;
             d.state = state;

@@ -610,10 +610,18 @@ impl Settings {
         }
         let log_level = match (&args.log_level, rust_log) {
             (Some(level), _) => level.clone(),
-            (None, Some(filter)) => filter.parse().map_err(|message| ConfigError::Value {
-                origin: Origin::RustLog,
-                message,
-            })?,
+            // RUST_LOG keeps its own rules: a bare word there is a target, not a typo.
+            (None, Some(filter)) => match tracing_subscriber::EnvFilter::try_new(&filter) {
+                Ok(_) => LogLevel(filter),
+                Err(e) => {
+                    return Err(ConfigError::Value {
+                        origin: Origin::RustLog,
+                        message: format!(
+                            "`{filter}` is not a log filter ({e}); write it like info or info,observer=debug"
+                        ),
+                    });
+                }
+            },
             (None, None) => {
                 at.pick("log-level", None, file.log_level, || {
                     LogLevel("info".into())
@@ -673,9 +681,12 @@ impl Settings {
                 Duration::from_secs(10),
             )
             .value,
-            failures_to_hang: at
-                .pick("failures-to-hang", args.failures_to_hang, file.failures_to_hang, || 3)
-                .value,
+            failures_to_hang: at_least_one(at.pick(
+                "failures-to-hang",
+                args.failures_to_hang,
+                file.failures_to_hang,
+                || 3,
+            ))?,
             restart_backoff: duration(
                 "restart-backoff",
                 args.restart_backoff,
@@ -683,9 +694,12 @@ impl Settings {
                 Duration::from_secs(10),
             )
             .value,
-            max_restarts: at
-                .pick("max-restarts", args.max_restarts, file.max_restarts, || 5)
-                .value,
+            max_restarts: at_least_one(at.pick(
+                "max-restarts",
+                args.max_restarts,
+                file.max_restarts,
+                || 5,
+            ))?,
             dump_stacks: !at
                 .pick(
                     "no-stack-dump",
@@ -705,6 +719,14 @@ impl Settings {
             log_level,
         })
     }
+}
+
+/// A count that must be positive (the flags' parser checks this too, the file's does not).
+fn at_least_one(count: Setting<u32>) -> Result<u32, ConfigError> {
+    if count.value == 0 {
+        return Err(count.error("0 is not allowed here; give a count of 1 or more".into()));
+    }
+    Ok(count.value)
 }
 
 fn load_file(path: &Path) -> Result<(FileConfig, Locator), ConfigError> {
@@ -803,6 +825,9 @@ no-stack-dump = true
 dry-run = true
 log-format = "json"
 log-level = "debug"
+failures-to-hang = 4
+restart-backoff = "30s"
+max-restarts = 2
 "#,
         );
         let s = resolve(&RunArgs {
@@ -826,6 +851,9 @@ log-level = "debug"
         assert_eq!(s.kill_grace, Duration::from_secs(20));
         assert_eq!(s.log_format, LogFormat::Json);
         assert_eq!(s.log_level, LogLevel("debug".into()));
+        assert_eq!(s.failures_to_hang, 4);
+        assert_eq!(s.restart_backoff, Duration::from_secs(30));
+        assert_eq!(s.max_restarts, 2);
     }
 
     #[test]
@@ -1003,6 +1031,15 @@ log-level = "debug"
             ),
             ("dry-run = \"yes\"\n", &["line 1", "bool"]),
             (
+                "\nfailures-to-hang = 0\n",
+                &["`failures-to-hang`", "line 2", "1 or more"],
+            ),
+            (
+                "max-restarts = 0\n",
+                &["`max-restarts`", "line 1", "1 or more"],
+            ),
+            ("max-restarts = -1\n", &["line 1"]),
+            (
                 "listeners = [\"/a\", \"/b\", \"/c\", \"/d\", \"/e\"]\n",
                 &["`listeners`", "line 1", "name fewer"],
             ),
@@ -1073,6 +1110,12 @@ log-level = "debug"
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("RUST_LOG: "), "{err}");
+        let s = Settings::resolve_with(&RunArgs::default(), Some("observer".into())).unwrap();
+        assert_eq!(
+            s.log_level,
+            LogLevel("observer".into()),
+            "a target alone is fine in RUST_LOG"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! - [`detector`]: the state machine, free of I/O
 //! - [`actuator`]: restarts through systemd
 //! - [`status`]: the JSON document and its HTTP endpoint
+//! - [`kubernetes`]: the node condition and events, when running in a cluster
 //! - [`agent`]: wires them together
 pub mod actuator;
 pub mod agent;
@@ -18,6 +19,7 @@ pub mod detector;
 pub mod health;
 pub mod heartbeat;
 pub mod kernel;
+pub mod kubernetes;
 pub mod latency;
 pub mod logging;
 pub mod metrics;

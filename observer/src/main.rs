@@ -1,15 +1,14 @@
 //! `observer`: the agent's entry point. Parses the command line, sets up logging, and runs
 //! either the agent or the `status` client.
 
-use std::process::ExitCode;
+use std::{io::IsTerminal as _, process::ExitCode, time::SystemTime};
 
 use clap::Parser as _;
 use observer::{
     agent,
     config::{Cli, Command, Settings, StatusArgs},
-    status,
+    logging, status,
 };
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -27,11 +26,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Status(args)) => runtime.block_on(show_status(args)),
         None => {
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-                )
-                .init();
+            // Settings first: they say how to log.
             let settings = match Settings::resolve(&cli.run) {
                 Ok(s) => s,
                 Err(e) => {
@@ -39,11 +34,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
+            if let Err(e) = logging::init(settings.log_format, &settings.log_level) {
+                eprintln!("observer: {e}");
+                return ExitCode::from(2);
+            }
             match runtime.block_on(agent::run(settings, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
-                    eprintln!("observer: {e:#}");
                     ExitCode::FAILURE
                 }
             }
@@ -67,15 +65,21 @@ async fn shutdown_signal() {
     }
 }
 
+/// `observer status`: exits 0 with the summary (or `--json`, the raw document), 3 when no
+/// agent runs at the endpoint, 2 for a bad configuration, 1 when the agent cannot be read.
 async fn show_status(args: StatusArgs) -> ExitCode {
-    let addr = args
-        .status_listen
-        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 9847)));
-    let body = match status::fetch(addr).await {
+    let target = match args.target() {
+        Ok(target) => target,
+        Err(e) => {
+            eprintln!("observer status: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let body = match status::fetch(&target).await {
         Ok(body) => body,
         Err(e) => {
             eprintln!("observer status: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(e.exit_code());
         }
     };
     if args.json {
@@ -85,60 +89,11 @@ async fn show_status(args: StatusArgs) -> ExitCode {
     let doc: serde_json::Value = match serde_json::from_str(&body) {
         Ok(v) => v,
         Err(e) => {
-            eprintln!("observer status: the status document is not JSON ({e})");
+            eprintln!("observer status: the answer from {target} is not a status document ({e})");
             return ExitCode::FAILURE;
         }
     };
-    let s = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "-".into(),
-        other => other.to_string(),
-    };
-    println!("state:      {}", s(&doc["state"]));
-    println!(
-        "containerd: {} pid {} version {}",
-        s(&doc["unit"]),
-        s(&doc["containerd_pid"]),
-        s(&doc["containerd_version"])
-    );
-    println!("mode:       {}", s(&doc["mode"]));
-    let probe = &doc["last_probe"];
-    println!(
-        "last probe: {} {} ({} ms)",
-        s(&probe["at"]),
-        s(&probe["result"]),
-        s(&probe["latency_ms"])
-    );
-    if let Some(sensors) = doc["sensors"].as_object() {
-        for (name, sensor) in sensors {
-            println!(
-                "sensor:     {name} {} via {}{}",
-                s(&sensor["state"]),
-                s(&sensor["hook"]),
-                sensor["reason"]
-                    .as_str()
-                    .map(|r| format!(" ({r})"))
-                    .unwrap_or_default()
-            );
-        }
-    }
-    if let Some(v) = doc["verdicts"].as_array().and_then(|v| v.last()) {
-        println!(
-            "verdict:    {} at {} after {} ms",
-            s(&v["state"]),
-            s(&v["at"]),
-            s(&v["detection_latency_ms"])
-        );
-    }
-    if let Some(r) = doc["restarts"].as_array().and_then(|v| v.last()) {
-        println!(
-            "restart:    {} at {} ({}), pid {} -> {}",
-            s(&r["reason"]),
-            s(&r["at"]),
-            s(&r["job_result"]),
-            s(&r["old_pid"]),
-            s(&r["new_pid"])
-        );
-    }
+    let colour = logging::colour_allowed(std::io::stdout().is_terminal());
+    print!("{}", status::summary(&doc, colour, SystemTime::now()));
     ExitCode::SUCCESS
 }

@@ -35,6 +35,18 @@ pub const ALL_STATES: [State; 7] = [
     State::Recovering,
 ];
 
+/// The actuator's actions, as the status document's `actions` names them.
+const ACTIONS: [&str; 8] = [
+    "restart",
+    "leave_to_systemd",
+    "leave_stopped",
+    "refused_by_systemd",
+    "back_off",
+    "give_up",
+    "dry_run",
+    "paused",
+];
+
 /// Bucket bounds of the probe latency, in seconds: a healthy `Version()` takes about a
 /// millisecond, and the probe deadline is about a second.
 const PROBE_BUCKETS: [f64; 13] = [
@@ -61,6 +73,7 @@ pub struct Metrics {
     exits: Family<Labels1, Counter>,
     verdicts: Family<Labels1, Counter>,
     restarts: Family<Labels2, Counter>,
+    actions: Family<Labels1, Counter>,
     state: Family<Labels1, Gauge<i64, AtomicI64>>,
 }
 
@@ -118,6 +131,12 @@ impl Metrics {
             "Restarts of containerd's unit by the verdict that triggered them and systemd's job result (or dry_run, error, interrupted)",
             restarts.clone(),
         );
+        let actions = Family::<Labels1, Counter>::default();
+        registry.register(
+            "actions",
+            "Decisions the actuator carried out or declined: restart, leave_to_systemd, leave_stopped, refused_by_systemd, back_off, give_up, dry_run or paused",
+            actions.clone(),
+        );
         let state = Family::<Labels1, Gauge<i64, AtomicI64>>::default();
         registry.register(
             "state",
@@ -131,13 +150,23 @@ impl Metrics {
         );
         // Known label values start at zero, so rates and alerts work before the first event.
         for result in ["ok", "timeout", "refused", "error"] {
-            probes.get_or_create(&[("result", result.to_owned())]);
+            let _ = probes.get_or_create(&[("result", result.to_owned())]);
         }
         for s in ALL_STATES {
-            state.get_or_create(&[("state", state_label(s).to_owned())]);
+            let _ = state.get_or_create(&[("state", state_label(s).to_owned())]);
         }
         for s in [State::Crashed, State::Hung, State::Unreachable] {
-            verdicts.get_or_create(&[("verdict", state_label(s).to_owned())]);
+            let _ = verdicts.get_or_create(&[("verdict", state_label(s).to_owned())]);
+            let _ = restarts.get_or_create(&[
+                ("trigger", state_label(s).to_owned()),
+                ("result", "done".to_owned()),
+            ]);
+        }
+        for cause in ["sigkill", "oom_kill", "exit_failure", "unknown"] {
+            let _ = exits.get_or_create(&[("cause", cause.to_owned())]);
+        }
+        for action in ACTIONS {
+            let _ = actions.get_or_create(&[("action", action.to_owned())]);
         }
         let metrics = Self {
             registry,
@@ -149,6 +178,7 @@ impl Metrics {
             exits,
             verdicts,
             restarts,
+            actions,
             state,
         };
         metrics.set_state(State::Starting);
@@ -196,6 +226,13 @@ impl Metrics {
                 ("trigger", state_label(trigger).to_owned()),
                 ("result", result.to_owned()),
             ])
+            .inc();
+    }
+
+    /// An action of the actuator, as the status document's `actions` names it.
+    pub fn action(&self, action: &str) {
+        self.actions
+            .get_or_create(&[("action", action.to_owned())])
             .inc();
     }
 

@@ -7,6 +7,9 @@
 //! | exit cause    | `signal_generate`, `mark_victim` tracepoints | systemd's exit status only    |
 //! | accept queue  | `sk_data_ready` + `consume_skb` tracepoints | sock_diag `UNIX_DIAG_RQLEN`   |
 //!
+//! Where the kernel allows it, process exit runs on `tp_btf` and the accept queue on
+//! fentry/fexit instead of the tracepoints (`kernel::fentry`); `path` in `/status` says which.
+//!
 //! `--no-ebpf` turns all of them off (the polling-only baseline); `--fallback-sensors`
 //! forces the right-hand column. Either way the heartbeat keeps the queue signal alive.
 
@@ -91,20 +94,21 @@ impl Sensors {
                 warn!("eBPF is unavailable ({reason}); falling back to pidfd and sock_diag");
                 let down = SensorState {
                     hook: String::new(),
+                    path: None,
                     running: Err(format!("eBPF unavailable: {reason}")),
                 };
                 (down.clone(), down.clone(), down)
             }
         };
         record.process_exit = match exit.running {
-            Ok(notes) => on(&exit.hook, notes),
+            Ok(notes) => on(&exit.hook, exit.path, notes),
             Err(reason) => {
                 sensors.exit_by_pidfd = true;
                 fallback("pidfd_open(2) on the main PID", &reason)
             }
         };
         record.exit_cause = match cause.running {
-            Ok(notes) => on(&cause.hook, notes),
+            Ok(notes) => on(&cause.hook, cause.path, notes),
             Err(reason) => off(
                 "systemd ExecMainStatus",
                 &format!("{reason}; the exit status comes from systemd after the fact"),
@@ -114,7 +118,7 @@ impl Sensors {
         record.accept_queue = match queue.running {
             Ok(notes) => {
                 sensors.queue = QueueWatch::Ebpf;
-                on(&queue.hook, notes)
+                on(&queue.hook, queue.path, notes)
             }
             Err(reason) => {
                 sensors.queue = QueueWatch::SockDiag(
@@ -238,6 +242,7 @@ impl Sensors {
                 };
                 let sensor = match cost.program {
                     observer_common::PROCESS_EXIT_PROGRAM
+                    | observer_common::PROCESS_EXIT_BTF_PROGRAM
                     | observer_common::PROCESS_EXEC_PROGRAM => &mut record.process_exit,
                     observer_common::SIGNAL_PROGRAM | observer_common::OOM_PROGRAM => {
                         &mut record.exit_cause
@@ -312,10 +317,11 @@ fn watch_with_pidfd(pid: u32, events: mpsc::Sender<KernelEvent>) -> JoinHandle<(
     })
 }
 
-fn on(hook: &str, notes: Vec<String>) -> SensorStatus {
+fn on(hook: &str, path: Option<&'static str>, notes: Vec<String>) -> SensorStatus {
     SensorStatus {
         state: "on",
         hook: hook.to_owned(),
+        path,
         reason: None,
         notes,
         programs: Vec::new(),
@@ -326,6 +332,7 @@ fn fallback(hook: &str, reason: &str) -> SensorStatus {
     SensorStatus {
         state: "fallback",
         hook: hook.to_owned(),
+        path: None,
         reason: Some(reason.to_owned()),
         notes: Vec::new(),
         programs: Vec::new(),
@@ -336,6 +343,7 @@ fn off(hook: &str, reason: &str) -> SensorStatus {
     SensorStatus {
         state: "off",
         hook: hook.to_owned(),
+        path: None,
         reason: Some(reason.to_owned()),
         notes: Vec::new(),
         programs: Vec::new(),

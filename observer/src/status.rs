@@ -1,19 +1,32 @@
-//! The status document and the local HTTP endpoint that serves it.
+//! The status document, the local HTTP endpoint that serves it (with `/livez`, `/readyz`
+//! and `/metrics`), and the client side of `observer status`.
 //!
-//! The agent owns the document and updates it through a `watch` channel; the HTTP handler
-//! only reads. Times are wall-clock RFC 3339 strings; durations are milliseconds.
+//! The agent owns the document and updates it through a `watch` channel; the HTTP handlers
+//! only read. Times are wall-clock RFC 3339 strings; durations are milliseconds.
 
 use std::{
     collections::VecDeque,
-    net::SocketAddr,
+    path::Path,
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
-use axum::{Json, Router, extract::State as AxumState, routing::get};
+use axum::{
+    Json, Router,
+    extract::State as AxumState,
+    http::{StatusCode, header},
+    response::{IntoResponse as _, Response},
+    routing::get,
+};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::detector::{self, Source, State};
+use crate::{
+    config::StatusTarget,
+    detector::{self, Source, State},
+    health::Health,
+    metrics::{self, Metrics},
+};
 
 /// How many verdicts and restarts the document keeps.
 pub const HISTORY: usize = 100;
@@ -21,6 +34,8 @@ pub const HISTORY: usize = 100;
 /// The JSON document served at `GET /status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusDocument {
+    /// The agent itself.
+    pub observer: ObserverRecord,
     /// The detector's judgement of containerd right now.
     pub state: State,
     pub unit: String,
@@ -48,6 +63,24 @@ pub struct StatusDocument {
     pub restart_budget: BudgetRecord,
     /// The pause switch: while set, the agent judges and records but never acts.
     pub paused: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ObserverRecord {
+    pub version: &'static str,
+    pub pid: u32,
+    pub started_at: String,
+}
+
+impl ObserverRecord {
+    /// This process, starting now.
+    pub fn current() -> Self {
+        Self {
+            version: env!("CARGO_PKG_VERSION"),
+            pid: std::process::id(),
+            started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -87,6 +120,9 @@ pub struct SensorStatus {
     pub state: &'static str,
     /// The kernel hook (or other mechanism) the sensor uses.
     pub hook: String,
+    /// The kind of eBPF hook while the sensor is on: `fentry` (fentry/fexit), `tp_btf` or
+    /// `tracepoint`; null for a fallback.
+    pub path: Option<&'static str>,
     /// Why the sensor is not on, when it is not.
     pub reason: Option<String>,
     /// What the sensor cannot see on this kernel, while it runs.
@@ -257,55 +293,549 @@ pub fn push_bounded<T>(history: &mut VecDeque<T>, item: T) {
     history.push_back(item);
 }
 
-/// Serves the status endpoint until the listener fails.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    status: watch::Receiver<StatusDocument>,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/status", get(get_status))
-        .with_state(status);
-    axum::serve(listener, app).await
+/// What the HTTP routes read: the status document, the agent's own health and its metrics.
+/// Every route is a read-only `GET`; nothing served here changes the agent's state.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub status: watch::Receiver<StatusDocument>,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
 }
 
-async fn get_status(
-    AxumState(status): AxumState<watch::Receiver<StatusDocument>>,
-) -> Json<StatusDocument> {
-    Json(status.borrow().clone())
+impl Endpoint {
+    fn router(self) -> Router {
+        Router::new()
+            .route("/status", get(get_status))
+            .route("/livez", get(get_livez))
+            .route("/readyz", get(get_readyz))
+            .route("/metrics", get(get_metrics))
+            .with_state(self)
+    }
+
+    /// Serves the routes on `tcp` and, when given, on `unix`, until either listener fails.
+    pub async fn serve(
+        self,
+        tcp: tokio::net::TcpListener,
+        unix: Option<tokio::net::UnixListener>,
+    ) -> std::io::Result<()> {
+        let app = self.router();
+        match unix {
+            None => axum::serve(tcp, app).await,
+            Some(unix) => {
+                tokio::select! {
+                    r = axum::serve(tcp, app.clone()).into_future() => r,
+                    r = axum::serve(unix, app).into_future() => r,
+                }
+            }
+        }
+    }
 }
 
-/// Fetches the status document from a running agent (for `observer status`).
-pub async fn fetch(addr: SocketAddr) -> Result<String, String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let connect =
-        tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr));
-    let mut stream = match connect.await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Err(format!(
-                "no observer answers at {addr} ({e}); is it running? (pass --status-listen if it listens elsewhere)"
+/// Binds the unix socket of the endpoint. A socket file left by an earlier run is replaced;
+/// a live one (another agent answers on it) or a file that is not a socket is an error.
+pub fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another process answers on it; stop it or choose another --status-socket",
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "it exists and is not a socket; remove it or choose another --status-socket",
             ));
         }
-        Err(_) => return Err(format!("the observer at {addr} did not accept within 3 s")),
-    };
-    let request = format!("GET /status HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    let exchange = async {
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .map_err(|_| format!("the observer at {addr} did not answer within 5 s"))?
-        .map_err(|e| format!("reading from the observer at {addr} failed: {e}"))?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("the answer from {addr} is not HTTP"))?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        let line = head.lines().next().unwrap_or_default();
-        return Err(format!("the observer at {addr} answered {line}"));
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+        }
+        Err(e) => return Err(e),
     }
-    Ok(body.to_owned())
+    tokio::net::UnixListener::bind(path)
+}
+
+async fn get_status(AxumState(endpoint): AxumState<Endpoint>) -> Json<StatusDocument> {
+    Json(endpoint.status.borrow().clone())
+}
+
+/// 200 while the agent's main loop turns; 503 once it has stood still too long.
+async fn get_livez(AxumState(endpoint): AxumState<Endpoint>) -> Response {
+    let now = Instant::now();
+    let since = endpoint.health.since_last_beat(now).map(millis);
+    let live = endpoint.health.is_live(now);
+    let code = if live {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({ "live": live, "last_loop_turn_ms_ago": since });
+    (code, Json(body)).into_response()
+}
+
+/// 200 once the sensors have started and the first probe finished; 503 with what is
+/// missing before.
+async fn get_readyz(AxumState(endpoint): AxumState<Endpoint>) -> Response {
+    match endpoint.health.readiness() {
+        Ok(()) => (StatusCode::OK, Json(serde_json::json!({ "ready": true }))).into_response(),
+        Err(not_ready) => (StatusCode::SERVICE_UNAVAILABLE, Json(not_ready)).into_response(),
+    }
+}
+
+async fn get_metrics(AxumState(endpoint): AxumState<Endpoint>) -> Response {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        endpoint.metrics.encode(),
+    )
+        .into_response()
+}
+
+/// Why `observer status` could not get the document.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(
+        "the observer is not running: nothing listens at {target} ({detail}); start it, or point --status-listen or --status-socket at where it listens"
+    )]
+    NotRunning {
+        target: StatusTarget,
+        detail: String,
+    },
+    #[error(
+        "the observer at {target} did not answer within {} s: it may be stuck or overloaded; check its log and `curl {target}/livez`",
+        .waited.as_secs_f64()
+    )]
+    Timeout {
+        target: StatusTarget,
+        waited: Duration,
+    },
+    #[error(
+        "something answers at {target}, but not with HTTP: is that the observer's address? ({detail})"
+    )]
+    NotHttp {
+        target: StatusTarget,
+        detail: String,
+    },
+    #[error("the observer at {target} answered `{status_line}` instead of the status document")]
+    Status {
+        target: StatusTarget,
+        status_line: String,
+    },
+    #[error("cannot reach the observer at {target}: {source}")]
+    Io {
+        target: StatusTarget,
+        source: std::io::Error,
+    },
+}
+
+impl FetchError {
+    /// `observer status` exits with 3 when the agent is not running (like `systemctl status`
+    /// for an inactive unit) and with 1 when it runs but cannot be read.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            FetchError::NotRunning { .. } => 3,
+            _ => 1,
+        }
+    }
+}
+
+/// How long `observer status` waits to connect and then for the whole answer.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Fetches the status document from a running agent (for `observer status`).
+pub async fn fetch(target: &StatusTarget) -> Result<String, FetchError> {
+    fetch_with(target, CONNECT_TIMEOUT, ANSWER_TIMEOUT).await
+}
+
+async fn fetch_with(
+    target: &StatusTarget,
+    connect_within: Duration,
+    answer_within: Duration,
+) -> Result<String, FetchError> {
+    let connect_error = |source: std::io::Error| {
+        use std::io::ErrorKind::{ConnectionRefused, NotFound};
+        if matches!(source.kind(), ConnectionRefused | NotFound) {
+            FetchError::NotRunning {
+                target: target.clone(),
+                detail: source.to_string(),
+            }
+        } else {
+            FetchError::Io {
+                target: target.clone(),
+                source,
+            }
+        }
+    };
+    let timeout = |waited| FetchError::Timeout {
+        target: target.clone(),
+        waited,
+    };
+    let response = match target {
+        StatusTarget::Tcp(addr) => {
+            let stream = tokio::time::timeout(connect_within, tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| timeout(connect_within))?
+                .map_err(connect_error)?;
+            tokio::time::timeout(answer_within, get_over(stream, &addr.to_string()))
+                .await
+                .map_err(|_| timeout(answer_within))?
+        }
+        StatusTarget::Unix(path) => {
+            let stream =
+                tokio::time::timeout(connect_within, tokio::net::UnixStream::connect(path))
+                    .await
+                    .map_err(|_| timeout(connect_within))?
+                    .map_err(connect_error)?;
+            tokio::time::timeout(answer_within, get_over(stream, "localhost"))
+                .await
+                .map_err(|_| timeout(answer_within))?
+        }
+    }
+    .map_err(|source| FetchError::Io {
+        target: target.clone(),
+        source,
+    })?;
+    let not_http = |detail: &str| FetchError::NotHttp {
+        target: target.clone(),
+        detail: detail.to_owned(),
+    };
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| not_http("no HTTP header in the answer"))?;
+    let head = String::from_utf8_lossy(&response[..split]);
+    let status_line = head.lines().next().unwrap_or_default();
+    if !status_line.starts_with("HTTP/1.") {
+        return Err(not_http(&format!(
+            "it began with {:?}",
+            status_line.chars().take(40).collect::<String>()
+        )));
+    }
+    if status_line.split(' ').nth(1) != Some("200") {
+        return Err(FetchError::Status {
+            target: target.clone(),
+            status_line: status_line.to_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&response[split + 4..]).into_owned())
+}
+
+/// One `GET /status` over HTTP/1.0, which makes the server close the connection after a
+/// plain (not chunked) body.
+async fn get_over(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    host: &str,
+) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let request =
+        format!("GET /status HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    Ok(response)
+}
+
+/// The short summary `observer status` prints for people. `colour` adds ANSI colours;
+/// `now` dates the document's times ("3 s ago").
+pub fn summary(doc: &serde_json::Value, colour: bool, now: SystemTime) -> String {
+    use serde_json::Value;
+    use std::fmt::Write as _;
+    let paint = |code: &str, text: &str| {
+        if colour {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    };
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let ago = |v: &Value| {
+        v.as_str()
+            .and_then(|at| humantime::parse_rfc3339_weak(at).ok())
+            .and_then(|at| now.duration_since(at).ok())
+            .map(|d| {
+                format!(
+                    "{} ago",
+                    humantime::format_duration(Duration::from_secs(d.as_secs()))
+                )
+            })
+            .unwrap_or_else(|| text(v))
+    };
+    let state_colour = |state: &str| match state {
+        "healthy" | "on" | "done" | "ok" | "restart" => "32",
+        "starting" | "suspect" | "recovering" | "fallback" | "dry_run" | "paused" => "33",
+        "off" => "2",
+        _ => "31",
+    };
+    let mut out = String::new();
+    let state = text(&doc["state"]);
+    let _ = writeln!(
+        out,
+        "containerd  {}  {} pid {} version {}",
+        paint(&format!("1;{}", state_colour(&state)), &state),
+        text(&doc["unit"]),
+        text(&doc["containerd_pid"]),
+        text(&doc["containerd_version"]),
+    );
+    let mut mode = text(&doc["mode"]);
+    if doc["dry_run"] == true {
+        mode.push_str(", dry run");
+    }
+    if doc["paused"] == true {
+        mode.push_str(", paused");
+    }
+    let _ = writeln!(
+        out,
+        "observer    pid {} version {}, {mode}",
+        text(&doc["observer"]["pid"]),
+        text(&doc["observer"]["version"]),
+    );
+    let probe = &doc["last_probe"];
+    if probe.is_object() {
+        let result = text(&probe["result"]);
+        let _ = writeln!(
+            out,
+            "last probe  {} in {} ms, {}{}",
+            paint(state_colour(&result), &result),
+            text(&probe["latency_ms"]),
+            ago(&probe["at"]),
+            probe["error"]
+                .as_str()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    } else {
+        let _ = writeln!(out, "last probe  none yet");
+    }
+    if let Some(sensors) = doc["sensors"].as_object() {
+        for (i, (name, sensor)) in sensors.iter().enumerate() {
+            let state = text(&sensor["state"]);
+            let _ = writeln!(
+                out,
+                "{}{name:<13} {} via {}{}",
+                if i == 0 {
+                    "sensors     "
+                } else {
+                    "            "
+                },
+                paint(state_colour(&state), &format!("{state:<8}")),
+                text(&sensor["hook"]),
+                sensor["reason"]
+                    .as_str()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    match doc["verdicts"].as_array().and_then(|v| v.last()) {
+        Some(v) => {
+            let state = text(&v["state"]);
+            let _ = writeln!(
+                out,
+                "verdict     {} {}, pid {}, detected in {} ms{}",
+                paint(state_colour(&state), &state),
+                ago(&v["at"]),
+                text(&v["pid"]),
+                text(&v["detection_latency_ms"]),
+                v["evidence"][0]["detail"]
+                    .as_str()
+                    .map(|d| format!(": {d}"))
+                    .unwrap_or_default()
+            );
+        }
+        None => {
+            let _ = writeln!(out, "verdict     none yet");
+        }
+    }
+    match doc["actions"].as_array().and_then(|a| a.last()) {
+        Some(a) => {
+            let action = text(&a["action"]);
+            let count = a["count"].as_u64().filter(|&c| c > 1);
+            let _ = writeln!(
+                out,
+                "action      {} for {} {}: {}{}",
+                paint(state_colour(&action), &action),
+                text(&a["reason"]),
+                ago(&a["at"]),
+                text(&a["result"]),
+                count.map(|c| format!(" ({c} times)")).unwrap_or_default()
+            );
+        }
+        None => {
+            let _ = writeln!(out, "action      none yet");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Serves one connection with `answer` (or never answers when `None`), after reading
+    /// the request.
+    async fn one_shot(answer: Option<&'static [u8]>) -> StatusTarget {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            match answer {
+                Some(a) => {
+                    let _ = stream.write_all(a).await;
+                }
+                None => tokio::time::sleep(Duration::from_secs(30)).await,
+            }
+        });
+        StatusTarget::Tcp(addr)
+    }
+
+    fn fetch_quickly(target: &StatusTarget) -> Result<String, FetchError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(fetch_with(
+            target,
+            Duration::from_millis(500),
+            Duration::from_millis(300),
+        ))
+    }
+
+    fn with_server(answer: Option<&'static [u8]>) -> Result<String, FetchError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let target = rt.block_on(one_shot(answer));
+        let result = rt.block_on(fetch_with(
+            &target,
+            Duration::from_millis(500),
+            Duration::from_millis(300),
+        ));
+        rt.shutdown_background();
+        result
+    }
+
+    #[test]
+    fn fetch_tells_not_running_from_timeout_from_not_http() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let err = fetch_quickly(&StatusTarget::Tcp(closed)).unwrap_err();
+        assert!(matches!(err, FetchError::NotRunning { .. }), "{err}");
+        assert_eq!(err.exit_code(), 3);
+        assert!(err.to_string().contains("not running"), "{err}");
+
+        let err =
+            fetch_quickly(&StatusTarget::Unix("/nonexistent/observer.sock".into())).unwrap_err();
+        assert!(matches!(err, FetchError::NotRunning { .. }), "{err}");
+
+        let err = with_server(None).unwrap_err();
+        assert!(matches!(err, FetchError::Timeout { .. }), "{err}");
+        assert!(err.to_string().contains("did not answer within"), "{err}");
+        assert_eq!(err.exit_code(), 1);
+
+        let err = with_server(Some(b"SSH-2.0-OpenSSH_9.2\r\n")).unwrap_err();
+        assert!(matches!(err, FetchError::NotHttp { .. }), "{err}");
+        let err = with_server(Some(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")).unwrap_err();
+        assert!(matches!(err, FetchError::NotHttp { .. }), "{err}");
+
+        let err = with_server(Some(b"HTTP/1.0 404 Not Found\r\n\r\nnope")).unwrap_err();
+        assert!(err.to_string().contains("404 Not Found"), "{err}");
+
+        let body = with_server(Some(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n{}")).unwrap();
+        assert_eq!(body, "{}");
+    }
+
+    #[test]
+    fn a_stale_socket_file_is_replaced_and_a_live_one_kept() {
+        let dir = std::env::temp_dir().join(format!("observer-status-sock-{}", std::process::id()));
+        let path = dir.join("sub/status.sock");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let first = bind_unix(&path).unwrap();
+            let err = bind_unix(&path).unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+            drop(first);
+            // The file stays behind, as after a crash; the next bind replaces it.
+            assert!(path.exists());
+            bind_unix(&path).unwrap();
+        });
+        let file = dir.join("plain");
+        std::fs::write(&file, "").unwrap();
+        let err = rt
+            .block_on(async { bind_unix(&file).map(drop) })
+            .unwrap_err();
+        assert!(err.to_string().contains("not a socket"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    fn document() -> serde_json::Value {
+        serde_json::json!({
+            "state": "crashed",
+            "unit": "containerd.service",
+            "containerd_pid": 41,
+            "containerd_version": "1.6.20",
+            "mode": "fused",
+            "dry_run": false,
+            "paused": true,
+            "observer": { "version": "0.1.0", "pid": 7 },
+            "sensors": {
+                "process_exit": { "state": "on", "hook": "sched_process_exit", "reason": null },
+                "accept_queue": { "state": "fallback", "hook": "sock_diag", "reason": "no BTF" }
+            },
+            "last_probe": { "at": "2030-01-01T00:00:00Z", "result": "refused", "latency_ms": 0.2, "error": "cannot connect" },
+            "verdicts": [{ "at": "2030-01-01T00:00:00Z", "state": "crashed", "pid": 41,
+                           "detection_latency_ms": 0.1, "evidence": [{ "detail": "killed by SIGKILL" }] }],
+            "actions": [{ "at": "2030-01-01T00:00:01Z", "action": "restart", "reason": "crashed",
+                          "result": "done: new pid 42", "count": 1 }]
+        })
+    }
+
+    #[test]
+    fn summary_names_state_pid_probe_sensors_verdict_and_action() {
+        let now = humantime::parse_rfc3339("2030-01-01T00:00:05Z").unwrap();
+        let text = summary(&document(), false, now);
+        for wanted in [
+            "containerd  crashed  containerd.service pid 41 version 1.6.20",
+            "observer    pid 7 version 0.1.0, fused, paused",
+            "last probe  refused in 0.2 ms, 5s ago: cannot connect",
+            "sensors     accept_queue  fallback via sock_diag (no BTF)",
+            "            process_exit  on       via sched_process_exit",
+            "verdict     crashed 5s ago, pid 41, detected in 0.1 ms: killed by SIGKILL",
+            "action      restart for crashed 4s ago: done: new pid 42",
+        ] {
+            assert!(text.contains(wanted), "{wanted:?} not in\n{text}");
+        }
+        assert!(!text.contains('\x1b'), "no colour asked for");
+        let coloured = summary(&document(), true, now);
+        assert!(coloured.contains("\x1b[1;31mcrashed\x1b[0m"), "{coloured}");
+        assert!(coloured.contains("\x1b[32mon      \x1b[0m"), "{coloured}");
+    }
+
+    #[test]
+    fn summary_of_a_starting_agent_says_none_yet() {
+        let doc = serde_json::json!({ "state": "starting", "verdicts": [], "actions": [] });
+        let text = summary(&doc, false, SystemTime::now());
+        assert!(text.contains("last probe  none yet"), "{text}");
+        assert!(text.contains("verdict     none yet"), "{text}");
+        assert!(text.contains("action      none yet"), "{text}");
+    }
 }

@@ -5,6 +5,7 @@
 //!   needs root but not systemd as PID 1, and several sandboxes can run at once.
 //! - [`Observer`]: the `observer` binary pointed at a sandbox, with helpers that poll its
 //!   HTTP status endpoint.
+//! - [`bench`]: the measurements behind `cargo xtask bench` and `cargo xtask soak`.
 //! - [`require`]: the gate every privileged test passes first. It skips loudly on a developer
 //!   machine that lacks something, and fails in CI, where a skipped privileged test would hide
 //!   a regression.
@@ -26,8 +27,10 @@
 //! Declare the [`Sandbox`] before the [`Observer`]: locals drop in reverse order, so the
 //! observer stops before the containerd it watches goes away.
 
+pub mod bench;
 mod cgroup;
 mod gate;
+mod grpc;
 mod observer;
 mod process;
 mod sandbox;
@@ -35,6 +38,7 @@ mod sandbox;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 pub use gate::{Need, OBSERVER_NEEDS, Skip, require};
+pub use grpc::containerd_version;
 pub use observer::{Observer, free_local_addr, observer_bin};
 pub use sandbox::{Sandbox, SandboxOptions};
 

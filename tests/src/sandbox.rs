@@ -435,6 +435,12 @@ for procs in "$@"; do echo $$ > "$procs"; done
 mkdir -p /run/systemd
 mount -t tmpfs tmpfs /run/systemd
 mkdir -p /run/systemd/system
+# The nodes PID 1 would have made, which a manager running as root mounts over the paths a
+# unit's sandboxing hides (ProtectHome=, ProtectKernelTunables=, ProtectKernelLogs=).
+mkdir -p /run/systemd/inaccessible
+cd /run/systemd/inaccessible
+mkdir -m 0 dir; touch reg; chmod 0 reg; mkfifo -m 0 fifo; mknod -m 0 chr c 0 0; mknod -m 0 blk b 0 0
+cd /
 exec "$systemd" --user"#;
         let log_path = self.manager_log();
         let log = fs::File::create(&log_path).map_err(|err| {

@@ -1,10 +1,14 @@
 //! Developer and CI tasks for the observer: `cargo xtask <task>`. Each task says what it checks
 //! and prints every command it runs, so anything it does can be repeated by hand.
 
+mod bench;
 mod checks;
 mod cmd;
+mod report;
 mod run;
 mod setup;
+mod soak;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -47,6 +51,55 @@ enum Task {
     },
     /// Check formatting (cargo fmt) and lints (cargo clippy, warnings denied).
     Lint,
+    /// Measure recovery from a crash, a freeze and a wedged stop (fused, polling-only and a
+    /// Gardener-like reference), the agent's cost, and its slowdown of unrelated work, on the
+    /// private sandbox (as root). Writes BENCHMARKS.md and benchmarks/results.json.
+    Bench {
+        /// Trials per fault for the fused and the polling-only configurations.
+        #[arg(long, default_value_t = 5)]
+        trials: usize,
+        /// Trials per fault for the Gardener-like reference (over a minute each; they run in
+        /// parallel sandboxes). 0 leaves it out.
+        #[arg(long, default_value_t = 2)]
+        reference_trials: usize,
+        /// One trial each, short windows, no reference: checks that everything runs in about
+        /// a minute, and writes to target/bench/ instead of BENCHMARKS.md.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Keep a throttled containerd under load for a while and check that the observer restarts
+    /// nothing and its memory stays flat (as root). Exits non-zero on failure.
+    Soak {
+        /// How long, e.g. 10m or 1h. Runs of 10 minutes or more are recorded in BENCHMARKS.md.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
+        duration: std::time::Duration,
+        /// containerd's CPU cap, in percent of one CPU.
+        #[arg(long, default_value_t = 5)]
+        cpu_quota: u32,
+        /// Connections per second opened and closed against containerd's socket.
+        #[arg(long, default_value_t = 200)]
+        connect_rate: u32,
+        /// CPU hog threads [default: one per CPU].
+        #[arg(long)]
+        hogs: Option<usize>,
+    },
+    /// Boot a Debian kernel under QEMU (TCG) with systemd, the system D-Bus and containerd,
+    /// and run the observer's scenarios inside it (crash, freeze, exit cause, accept latency).
+    Vm {
+        /// Which Debian kernel to boot.
+        #[arg(long, value_enum)]
+        kernel: vm::Kernel,
+        /// Kernel paths to run the scenarios on, comma-separated: `auto` (the fentry/tp_btf
+        /// fast path where it loads) and `tracepoint` (the fast path turned off).
+        #[arg(long, value_delimiter = ',', default_value = "auto,tracepoint")]
+        paths: Vec<String>,
+        /// Stop the VM after this many minutes.
+        #[arg(long, default_value_t = 30)]
+        timeout_min: u64,
+        /// The VM's memory in MiB.
+        #[arg(long, default_value_t = 2048)]
+        memory_mib: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,6 +119,37 @@ fn main() -> ExitCode {
             checks::test(&cargo_test_args).map(|()| ExitCode::SUCCESS)
         }
         Task::Lint => checks::lint().map(|()| ExitCode::SUCCESS),
+        Task::Bench {
+            trials,
+            reference_trials,
+            quick,
+        } => bench::bench(bench::BenchOptions {
+            trials,
+            reference_trials,
+            quick,
+        }),
+        Task::Soak {
+            duration,
+            cpu_quota,
+            connect_rate,
+            hogs,
+        } => soak::soak(soak::SoakOptions {
+            duration,
+            cpu_quota,
+            connect_rate,
+            hogs,
+        }),
+        Task::Vm {
+            kernel,
+            paths,
+            timeout_min,
+            memory_mib,
+        } => vm::vm(vm::VmOptions {
+            kernel,
+            paths,
+            timeout: std::time::Duration::from_secs(timeout_min * 60),
+            memory_mib,
+        }),
     };
     result.unwrap_or_else(|err| {
         eprintln!("{} error: {err:#}", cmd::TAG);

@@ -176,6 +176,8 @@ pub fn build(formats: &Formats, offsets: &StructOffsets) -> Layout {
         sock_receive_queue_tail: or_none(offsets.sock_receive_queue_tail.clone().ok()),
         _reserved: 0,
         reported_signals: FATAL_SIGNALS,
+        // The fast path's offsets: filled in by `kernel::fentry` when it is tried.
+        ..Layout::UNKNOWN
     }
 }
 

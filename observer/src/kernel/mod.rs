@@ -11,6 +11,7 @@
 //! A sensor whose tracepoint, record field or struct offset is missing on this kernel is
 //! off with the reason; the others still run.
 
+pub mod fentry;
 pub mod layout;
 
 use std::{
@@ -115,6 +116,8 @@ pub struct PendingSnapshot {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SensorState {
     pub hook: String,
+    /// The kind of hook: `fentry`, `tp_btf` or `tracepoint` (see [`fentry::path`]).
+    pub path: Option<&'static str>,
     /// `Ok` with notes about partial data, or `Err` with why the sensor is off.
     pub running: Result<Vec<String>, String>,
 }
@@ -187,7 +190,13 @@ impl KernelSensors {
         let formats = layout::Formats::read();
         let btf = Btf::from_sys_fs().map_err(|e| e.to_string());
         let offsets = layout::StructOffsets::from_btf(btf.as_ref().map_err(Clone::clone));
-        let layout = layout::build(&formats, &offsets);
+        let mut layout = layout::build(&formats, &offsets);
+        // The fast path (fentry/fexit, tp_btf) where this kernel allows it; see `fentry`.
+        let (fast_exit, fast_accept) = match fentry::disabled() {
+            Some(reason) => (Err(reason.clone()), Err(reason)),
+            None => fentry::fill_layout(&mut layout, btf.as_ref().map_err(Clone::clone)),
+        };
+        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"));
         debug!(?layout, "kernel layout");
 
         let mut ebpf = EbpfLoader::new()
@@ -222,9 +231,26 @@ impl KernelSensors {
             Ok(())
         };
 
-        let exit_hook = "tracepoint sched/sched_process_exit".to_owned();
-        let process_exit = attach(&mut ebpf, PROCESS_EXIT_PROGRAM, &formats.process_exit, &[]);
+        // Programs of the fast path that run (the `attach` closure records the others).
+        let mut fast_programs = Vec::new();
         let mut exit_notes = Vec::new();
+        let fast_exit = fast_exit.and_then(|()| {
+            fentry::attach_process_exit(&mut ebpf, kernel_btf.as_ref().map_err(Clone::clone)?)
+        });
+        let (exit_hook, exit_path, process_exit) = match fast_exit {
+            Ok(hook) => {
+                fast_programs.push(observer_common::PROCESS_EXIT_BTF_PROGRAM);
+                (hook, fentry::path::TP_BTF, Ok(()))
+            }
+            Err(e) => {
+                exit_notes.push(format!("tracepoint path: {e}"));
+                (
+                    "tracepoint sched/sched_process_exit".to_owned(),
+                    fentry::path::TRACEPOINT,
+                    attach(&mut ebpf, PROCESS_EXIT_PROGRAM, &formats.process_exit, &[]),
+                )
+            }
+        };
         let follow = attach(
             &mut ebpf,
             PROCESS_EXEC_PROGRAM,
@@ -236,7 +262,7 @@ impl KernelSensors {
                 "a new containerd is watched once systemd reports its PID, not from its exec: {e}"
             ));
         }
-        if layout.exit_group_dead == NO_OFFSET {
+        if exit_path == fentry::path::TRACEPOINT && layout.exit_group_dead == NO_OFFSET {
             exit_notes.push("no group_dead field on this kernel: the thread-group leader's exit stands for the process's exit".to_owned());
         }
         if let Err(e) = &offsets.task_exit_code {
@@ -266,39 +292,69 @@ impl KernelSensors {
             cause_notes.push(format!("OOM kills are not named: {e}"));
         }
 
-        let connect = attach(
-            &mut ebpf,
-            CONNECT_PROGRAM,
-            &formats.sk_data_ready,
-            &[
-                formats.sk_data_ready.require("skaddr", 8),
-                formats.sk_data_ready.require("family", 2),
-                offsets.sock_receive_queue_tail.clone(),
-            ],
-        );
-        let accept = match &connect {
-            Ok(()) => attach(
+        let fast_accept = fast_accept.and_then(|()| {
+            fentry::attach_accept_queue(
                 &mut ebpf,
-                ACCEPT_PROGRAM,
-                &formats.consume_skb,
-                &[formats.consume_skb.require("skbaddr", 8)],
-            ),
-            Err(e) => Err(e.clone()),
+                kernel_btf.as_ref().map_err(Clone::clone)?,
+                btf.as_ref().map_err(Clone::clone)?,
+            )
+        });
+        let mut queue_notes = Vec::new();
+        let (queue_hook, queue_path, accept) = match fast_accept {
+            Ok(hook) => {
+                fast_programs.extend([
+                    observer_common::CONNECT_ENTRY_PROGRAM,
+                    observer_common::CONNECT_EXIT_PROGRAM,
+                    observer_common::ACCEPT_EXIT_PROGRAM,
+                ]);
+                (hook, fentry::path::FENTRY, Ok(()))
+            }
+            Err(e) => {
+                queue_notes.push(format!("tracepoint path: {e}"));
+                let connect = attach(
+                    &mut ebpf,
+                    CONNECT_PROGRAM,
+                    &formats.sk_data_ready,
+                    &[
+                        formats.sk_data_ready.require("skaddr", 8),
+                        formats.sk_data_ready.require("family", 2),
+                        offsets.sock_receive_queue_tail.clone(),
+                    ],
+                );
+                let accept = match &connect {
+                    Ok(()) => attach(
+                        &mut ebpf,
+                        ACCEPT_PROGRAM,
+                        &formats.consume_skb,
+                        &[formats.consume_skb.require("skbaddr", 8)],
+                    ),
+                    Err(e) => Err(e.clone()),
+                };
+                (
+                    "tracepoints sock/sk_data_ready (connect queued), skb/consume_skb (accepted)"
+                        .to_owned(),
+                    fentry::path::TRACEPOINT,
+                    accept,
+                )
+            }
         };
 
+        attached.extend(fast_programs);
         let states = SensorStates {
             process_exit: SensorState {
                 hook: exit_hook,
+                path: Some(exit_path),
                 running: process_exit.map(|()| exit_notes),
             },
             exit_cause: SensorState {
                 hook: "tracepoints signal/signal_generate, oom/mark_victim".into(),
+                path: Some(fentry::path::TRACEPOINT),
                 running: signals.map(|()| cause_notes),
             },
             accept_queue: SensorState {
-                hook: "tracepoints sock/sk_data_ready (connect queued), skb/consume_skb (accepted)"
-                    .into(),
-                running: accept.map(|()| Vec::new()),
+                hook: queue_hook,
+                path: Some(queue_path),
+                running: accept.map(|()| queue_notes),
             },
         };
 
@@ -474,8 +530,7 @@ impl KernelSensors {
         self.attached
             .iter()
             .filter_map(|name| {
-                let program: &TracePoint = self.ebpf.program(name)?.try_into().ok()?;
-                let info = program.info().ok()?;
+                let info = self.ebpf.program(name)?.info().ok()?;
                 Some(ProgramCost {
                     program: name,
                     run_count: info.run_count(),

@@ -1,0 +1,428 @@
+//! `cargo xtask bench`: builds the release observer, then measures, in one run on the private
+//! sandbox, how fast each configuration recovers containerd from a crash, a freeze and a
+//! wedged stop, what the agent costs, and how much it slows unrelated work
+//! (`observer_tests::bench` does the measuring). The figures go to `BENCHMARKS.md` and
+//! `benchmarks/results.json`; a `--quick` run goes to `target/bench/` instead.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{Context, Result, bail};
+use observer_tests::bench::{
+    self, BenchPlan, BenchResults, Config, Load, Scenario, recovery::RecoveryRow,
+};
+
+use crate::{
+    cmd::{self, TAG, is_root, target_dir, workspace_root},
+    report::{self, change, ms, ratio},
+};
+
+pub struct BenchOptions {
+    pub trials: usize,
+    pub reference_trials: usize,
+    pub quick: bool,
+}
+
+pub fn bench(opts: BenchOptions) -> Result<ExitCode> {
+    prepare_observer()?;
+    let plan = if opts.quick {
+        BenchPlan::quick()
+    } else {
+        BenchPlan {
+            reference_trials: opts.reference_trials,
+            ..BenchPlan::full(opts.trials)
+        }
+    };
+    if plan.trials == 0 {
+        bail!("--trials 0 measures nothing: give at least 1");
+    }
+    println!(
+        "{TAG} bench: {} trial(s) per scenario and configuration, {} of the Gardener-like reference; cost windows {:.0} s at rest and {:.0} s under a storm; {} slowdown round(s)",
+        plan.trials,
+        plan.reference_trials,
+        plan.rest.as_secs_f64(),
+        plan.storm.as_secs_f64(),
+        plan.slowdown_rounds
+    );
+    let results = bench::run(&plan, &mut |line| println!("{TAG} {line}"));
+    let command = invocation();
+    let json = serde_json::to_string_pretty(&serde_json::json!({
+        "command": command,
+        "results": results,
+    }))
+    .context("could not serialise the results")?;
+
+    let headline = headline(&results);
+    let body = results_section(&results, &command);
+    if opts.quick {
+        let dir = target_dir().join("bench");
+        fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;
+        write(&dir.join("quick.json"), &json)?;
+        write(&dir.join("quick.md"), &format!("{headline}\n{body}"))?;
+        println!("{headline}\n{body}");
+        println!(
+            "{TAG} a --quick run only checks that everything runs: results in {}, BENCHMARKS.md left alone",
+            dir.display()
+        );
+    } else {
+        let json_path = workspace_root().join("benchmarks/results.json");
+        if let Some(dir) = json_path.parent() {
+            fs::create_dir_all(dir)
+                .with_context(|| format!("could not create {}", dir.display()))?;
+        }
+        write(&json_path, &json)?;
+        let doc = workspace_root().join("BENCHMARKS.md");
+        report::write_block(&doc, "bench-headline", &headline, "## Headline")?;
+        report::write_block(&doc, "bench-results", &body, "## Results")?;
+        println!("{headline}");
+        println!(
+            "{TAG} results written to {} and {}",
+            doc.display(),
+            json_path.display()
+        );
+    }
+
+    let failed: Vec<String> = results
+        .trials
+        .iter()
+        .filter_map(|t| t.error.as_ref().map(|_| t.one_line()))
+        .chain(
+            results
+                .cost
+                .iter()
+                .filter_map(|c| c.error.as_ref().map(|e| format!("cost window: {e}"))),
+        )
+        .collect();
+    if failed.is_empty() && results.slowdown.is_some() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for line in &failed {
+            eprintln!("{TAG} failed: {line}");
+        }
+        eprintln!("{TAG} some measurements failed; the figures above leave them out");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// Root, the release observer built, and `OBSERVER_BIN` pointing at it for the harness.
+pub fn prepare_observer() -> Result<PathBuf> {
+    if !is_root() {
+        bail!(
+            "benchmarks load eBPF programs and start sandboxes, which needs root: run `sudo -E cargo xtask ...`"
+        );
+    }
+    crate::setup::setup(false)?;
+    cmd::run(cmd::cargo().args(["build", "--release", "-p", "observer"]))?;
+    let observer = target_dir().join("release/observer");
+    if !observer.is_file() {
+        bail!("{} is missing after the build", observer.display());
+    }
+    // SAFETY: xtask is single-threaded until the benchmarks start, after this.
+    unsafe { std::env::set_var("OBSERVER_BIN", &observer) };
+    println!("{TAG} measuring {}", observer.display());
+    Ok(observer)
+}
+
+/// `cargo xtask <args>`, as it was run.
+pub fn invocation() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    format!("cargo xtask {}", args.join(" "))
+}
+
+fn write(path: &Path, contents: &str) -> Result<()> {
+    fs::write(path, contents).with_context(|| format!("could not write {}", path.display()))
+}
+
+fn row(results: &BenchResults, scenario: Scenario, config: Config) -> Option<&RecoveryRow> {
+    results
+        .recovery
+        .iter()
+        .find(|r| r.scenario == scenario && r.config == config)
+}
+
+fn median_answer(results: &BenchResults, scenario: Scenario, config: Config) -> Option<f64> {
+    row(results, scenario, config)
+        .and_then(|r| r.fault_to_answer_ms)
+        .map(|s| s.median)
+}
+
+/// The short section the README quotes.
+fn headline(results: &BenchResults) -> String {
+    let m = &results.machine;
+    let mut out = format!(
+        "Measured by `cargo xtask bench` ({}; Linux {}, {} CPUs, {}). Time from the fault until a \
+         new containerd answers `Version()`, median of {} trials ({} for the reference):\n\n",
+        results.started_at.get(..10).unwrap_or_default(),
+        m.kernel,
+        m.cpus,
+        m.cpu_model,
+        results.plan.trials,
+        results.plan.reference_trials
+    );
+    out.push_str("| fault | fused (default) | polling-only | Gardener-like reference |\n");
+    out.push_str("|---|---|---|---|\n");
+    for scenario in &results.plan.scenarios {
+        let fused = median_answer(results, *scenario, Config::Fused);
+        let cell = |config| {
+            let Some(value) = median_answer(results, *scenario, config) else {
+                return "–".to_owned();
+            };
+            match fused.filter(|f| *f > 0.0 && config != Config::Fused) {
+                Some(f) => format!("{} ({:.1}x slower)", ms(value), value / f),
+                None => ms(value),
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            scenario.label(),
+            cell(Config::Fused),
+            cell(Config::PollingOnly),
+            cell(Config::GardenerLike)
+        );
+    }
+    let window = |load| {
+        results
+            .cost
+            .iter()
+            .find(|c| c.config == Config::Fused && c.load == load && c.error.is_none())
+    };
+    if let (Some(rest), Some(storm)) = (window(Load::Rest), window(Load::Storm)) {
+        let _ = write!(
+            out,
+            "\nCost of the fused agent: {:.2} % of one CPU at rest and {:.2} % under a storm of \
+             connections to containerd (its eBPF programs add {:.3} % and {:.2} % in the tasks \
+             that trigger them); peak memory {:.1} MiB.",
+            rest.cpu_percent,
+            storm.cpu_percent,
+            rest.bpf_cpu_percent,
+            storm.bpf_cpu_percent,
+            rest.vm_hwm_mib.max(storm.vm_hwm_mib)
+        );
+    }
+    if let Some(slowdown) = &results.slowdown {
+        let parts: Vec<String> = slowdown
+            .workloads
+            .iter()
+            .filter_map(|w| Some(format!("{} {}", w.name, change(w.fused_ratio?.median))))
+            .collect();
+        let _ = write!(
+            out,
+            " Unrelated work while it runs: {}.",
+            parts.join(", ")
+        );
+    }
+    out.push('\n');
+    out
+}
+
+/// Everything measured, as tables.
+fn results_section(results: &BenchResults, command: &str) -> String {
+    let m = &results.machine;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Run `{command}` on {}, {:.0} min wall time.\n",
+        results.started_at,
+        results.wall_s / 60.0
+    );
+    let _ = writeln!(
+        out,
+        "- Machine: Linux {}, {} CPUs ({}), {} MiB memory; {}",
+        m.kernel, m.cpus, m.cpu_model, m.memory_mib, m.containerd
+    );
+    let _ = writeln!(out, "- Observer: `{}` (release build)", m.observer_bin);
+    let _ = writeln!(
+        out,
+        "- Configurations: fused = the defaults (probe every 2 s, 1 s deadline, heartbeat every 250 ms, \
+         stall threshold 1 s); polling-only = `--no-ebpf`, same probe settings (hang after 3 failed \
+         probes); Gardener-like = `{}`. The wedged stop adds `{}` to each. Every trial has a fresh \
+         sandbox and observer, and the fault lands at a random point of the probe interval.\n",
+        Config::GardenerLike.args().join(" "),
+        Scenario::Wedge.observer_args().join(" ")
+    );
+
+    out.push_str("### Recovery\n\n");
+    out.push_str(
+        "Fault → verdict: from the signal to the observer's crashed/hung/unreachable verdict. \
+         Fault → answer: from the signal until our own `Version()` client gets an answer from the \
+         new containerd. Restart: the observer's restart job (stop, start) as it recorded it. \
+         Median / p95 / max in ms (nearest-rank p95: with 5 trials it is the maximum).\n\n",
+    );
+    out.push_str("| fault | configuration | trials | fault → verdict | fault → answer | restart job | verdicts (evidence) |\n");
+    out.push_str("|---|---|---|---|---|---|---|\n");
+    for r in &results.recovery {
+        let three = |s: Option<bench::Summary>| {
+            s.map_or("–".to_owned(), |s| {
+                format!("{:.0} / {:.0} / {:.0}", s.median, s.p95, s.max)
+            })
+        };
+        let verdicts: Vec<String> = r
+            .verdicts
+            .iter()
+            .map(|(name, count)| format!("{count}× {name}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {}{} | {} | {} | {} | {} |",
+            r.scenario.label(),
+            r.config.label(),
+            r.trials,
+            if r.failed > 0 {
+                format!(" ({} failed)", r.failed)
+            } else {
+                String::new()
+            },
+            three(r.fault_to_verdict_ms),
+            three(r.fault_to_answer_ms),
+            r.restart_ms.map_or("–".to_owned(), |s| ms(s.median)),
+            verdicts.join(", ")
+        );
+    }
+    out.push_str("\nRatios of medians, against fused:\n\n");
+    out.push_str("| fault | configuration | fault → verdict | fault → answer |\n|---|---|---|---|\n");
+    for r in &results.ratios {
+        let _ = writeln!(
+            out,
+            "| {} | {} / fused | {} | {} |",
+            r.scenario.label(),
+            r.config.label(),
+            ratio(r.verdict_ratio),
+            ratio(r.answer_ratio)
+        );
+    }
+
+    out.push_str("\n### Cost\n\n");
+    out.push_str(
+        "The agent's CPU is utime + stime of its process (`/proc/<pid>/stat`) over the window, in \
+         percent of one CPU. eBPF programs run in the context of whichever task hits their hook, \
+         so their run time (BPF stats) is given apart. VmHWM is the peak resident memory since \
+         start, startup included. The storm is one thread connecting to and closing containerd's \
+         socket as fast as containerd accepts and one calling `Version()` back to back.\n\n",
+    );
+    out.push_str("| configuration | load | window | agent CPU | eBPF programs | VmHWM | VmRSS | storm | verdicts |\n");
+    out.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    for c in &results.cost {
+        if let Some(err) = &c.error {
+            let _ = writeln!(
+                out,
+                "| {} | {} | failed: {err} | | | | | | |",
+                c.config.label(),
+                c.load.label()
+            );
+            continue;
+        }
+        let storm = c.storm.as_ref().map_or("–".to_owned(), |s| {
+            format!(
+                "{:.0} connects/s, {:.0} Version()/s",
+                s.connects_per_s(),
+                s.version_calls_per_s()
+            )
+        });
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} s | {:.3} % | {:.3} % | {:.1} MiB | {:.1} MiB | {storm} | {} |",
+            c.config.label(),
+            c.load.label(),
+            c.seconds,
+            c.cpu_percent,
+            c.bpf_cpu_percent,
+            c.vm_hwm_mib,
+            c.vm_rss_mib,
+            if c.verdicts.is_empty() {
+                "none".to_owned()
+            } else {
+                c.verdicts.join(", ")
+            }
+        );
+    }
+    out.push_str("\neBPF programs of the fused agent:\n\n");
+    out.push_str("| sensor | program | load | runs/s | average run | CPU |\n|---|---|---|---|---|---|\n");
+    for c in results
+        .cost
+        .iter()
+        .filter(|c| c.config == Config::Fused && c.error.is_none())
+    {
+        for p in &c.programs {
+            let _ = writeln!(
+                out,
+                "| {} | `{}` | {} | {:.1} | {:.0} ns | {:.4} % |",
+                p.sensor,
+                p.name,
+                c.load.label(),
+                p.runs_per_s,
+                p.avg_run_ns,
+                p.run_time_ms / (c.seconds * 1e3) * 100.0
+            );
+        }
+    }
+
+    out.push_str("\n### Slowdown of unrelated work\n\n");
+    match &results.slowdown {
+        Some(s) => {
+            let _ = writeln!(
+                out,
+                "{} rounds; each round samples both workloads for {:.1} s without the agent, with the \
+                 fused agent and with the polling-only agent, in a rotating order. Ratios are per \
+                 round (with / without), then the median over rounds.\n",
+                s.rounds, s.sample_s
+            );
+            out.push_str("| workload | without | fused | fused / without | polling-only | polling-only / without |\n");
+            out.push_str("|---|---|---|---|---|---|\n");
+            let median = |v: &[f64]| bench::summarize(v).map_or(f64::NAN, |s| s.median);
+            for w in &s.workloads {
+                let _ = writeln!(
+                    out,
+                    "| {} | {:.0} ns | {:.0} ns | {} | {:.0} ns | {} |",
+                    w.name,
+                    median(&w.without_ns),
+                    median(&w.fused_ns),
+                    w.fused_ratio.map_or("–".to_owned(), |r| format!(
+                        "{:.3} ({})",
+                        r.median,
+                        change(r.median)
+                    )),
+                    median(&w.polling_ns),
+                    w.polling_ratio.map_or("–".to_owned(), |r| format!(
+                        "{:.3} ({})",
+                        r.median,
+                        change(r.median)
+                    )),
+                );
+            }
+        }
+        None => out.push_str("Not measured: the slowdown rounds failed (see the run's output).\n"),
+    }
+
+    out.push_str("\n### Against the project's aims\n\n| aim | measured | met |\n|---|---|---|\n");
+    for aim in &results.aims {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            aim.aim,
+            aim.measured,
+            match aim.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "–",
+            }
+        );
+    }
+    let failed: Vec<String> = results
+        .trials
+        .iter()
+        .filter(|t| t.error.is_some())
+        .map(|t| t.one_line())
+        .collect();
+    if !failed.is_empty() {
+        out.push_str("\nFailed trials (left out of the figures):\n\n");
+        for line in failed {
+            let _ = writeln!(out, "- {line}");
+        }
+    }
+    out
+}
