@@ -108,8 +108,9 @@ pub struct Layout {
     pub consume_skbaddr: u32,
     /// `sock.sk_receive_queue` + `sk_buff_head.prev`: the newest queued skb, or [`NO_OFFSET`].
     pub sock_receive_queue_tail: u32,
-    /// Zero; keeps `reported_signals` aligned without implicit padding.
-    pub _reserved: u32,
+    /// `sock.sk_receive_queue` itself: when the queue is empty its `prev` points here, at
+    /// no skb; or [`NO_OFFSET`]. (Also keeps `reported_signals` aligned without padding.)
+    pub sock_receive_queue_head: u32,
     /// Bit `n` set: signal `n` is worth reporting (fatal by default).
     pub reported_signals: u64,
     /// Fast path: `task_struct.signal`, or [`NO_OFFSET`].
@@ -141,7 +142,7 @@ impl Layout {
         data_ready_family: NO_OFFSET,
         consume_skbaddr: NO_OFFSET,
         sock_receive_queue_tail: NO_OFFSET,
-        _reserved: 0,
+        sock_receive_queue_head: NO_OFFSET,
         reported_signals: 0,
         task_signal: NO_OFFSET,
         signal_live: NO_OFFSET,
@@ -333,7 +334,10 @@ mod tests {
     #[test]
     fn shared_structs_have_no_padding() {
         use core::mem::size_of;
-        assert_eq!(size_of::<ExitEvent>(), 8 + 4 * 4 + 16 + size_of::<SignalEvent>());
+        assert_eq!(
+            size_of::<ExitEvent>(),
+            8 + 4 * 4 + 16 + size_of::<SignalEvent>()
+        );
         assert_eq!(size_of::<SignalEvent>(), 8 + 4 * 4 + 16);
         assert_eq!(size_of::<PendingConnection>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<AcceptEvent>(), 8 + 8 + 4 + 4);

@@ -26,10 +26,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::info;
 use observer_common::{
-    AF_UNIX, AcceptEvent, EXIT_CODE_UNKNOWN, ExePath, ExitEvent, Layout, LearnSlot,
-    MAX_FOLLOW_EXE, MAX_LISTENERS,
-    NO_OFFSET, PendingConnection, SignalEvent, counter, is_process_exit, is_reported_signal,
-    listener_index, signal_kind,
+    AF_UNIX, AcceptEvent, EXIT_CODE_UNKNOWN, ExePath, ExitEvent, Layout, LearnSlot, MAX_FOLLOW_EXE,
+    MAX_LISTENERS, NO_OFFSET, PendingConnection, SignalEvent, counter, is_process_exit,
+    is_reported_signal, listener_index, signal_kind,
 };
 
 /// TGIDs to watch; the agent keeps containerd's current main PID here.
@@ -147,14 +146,16 @@ fn report_exit<C: EbpfContext>(ctx: &C, tgid: u32, tid: u32, exit_code: u32) {
         "watched process {} exited (last thread {}, code {})", tgid, tid, exit_code
     );
     // SAFETY: the entry is copied out before it is removed.
-    let last_signal = unsafe { LAST_SIGNAL.get(&tgid) }.copied().unwrap_or(SignalEvent {
-        monotonic_ns: 0,
-        kind: 0,
-        target: 0,
-        signal: 0,
-        sender_tgid: 0,
-        sender_comm: [0; 16],
-    });
+    let last_signal = unsafe { LAST_SIGNAL.get(&tgid) }
+        .copied()
+        .unwrap_or(SignalEvent {
+            monotonic_ns: 0,
+            kind: 0,
+            target: 0,
+            signal: 0,
+            sender_tgid: 0,
+            sender_comm: [0; 16],
+        });
     let _ = LAST_SIGNAL.remove(&tgid);
     // The process is gone: its PID may be reused by anything.
     let _ = WATCHED_PIDS.remove(&tgid);
@@ -269,8 +270,8 @@ fn emit_signal(ctx: &TracePointContext, kind: u32, target: u32, signal: u32) {
     };
     // An OOM kill stays the cause even if the killer's SIGKILL record follows it.
     // SAFETY: only the kind of the stored entry is read.
-    let oom_recorded = unsafe { LAST_SIGNAL.get(&target) }
-        .is_some_and(|e| e.kind == signal_kind::OOM_VICTIM);
+    let oom_recorded =
+        unsafe { LAST_SIGNAL.get(&target) }.is_some_and(|e| e.kind == signal_kind::OOM_VICTIM);
     if !oom_recorded {
         let _ = LAST_SIGNAL.insert(&target, &event, 0);
     }
@@ -325,7 +326,10 @@ pub fn connect_queued(ctx: TracePointContext) -> u32 {
     let Ok(skb) = (unsafe { bpf_probe_read_kernel(tail.cast::<u64>()) }) else {
         return 0;
     };
-    if skb == 0 {
+    // An empty queue's `prev` points back at the queue head: containerd took the connection
+    // before we looked, so there is nothing pending to record.
+    let head = sk.wrapping_add(layout.sock_receive_queue_head as u64);
+    if skb == 0 || layout.sock_receive_queue_head == NO_OFFSET || skb == head {
         return 0;
     }
     let pending = PendingConnection {

@@ -33,6 +33,9 @@ use crate::{
     status::{HeartbeatRecord, ProgramRecord, SensorStatus, Sensors as SensorsRecord},
 };
 
+/// Pending ages from this on are checked against the kernel's accept queue (sock_diag).
+const STALE_CHECK_AGE: Duration = Duration::from_millis(500);
+
 /// How the accept queue is watched.
 enum QueueWatch {
     Ebpf,
@@ -194,8 +197,22 @@ impl Sensors {
             QueueWatch::Off => return None,
             QueueWatch::Ebpf => {
                 let kernel = self.kernel.as_mut()?;
-                for index in 0..self.listeners.len() as u32 {
-                    merge(kernel.pending(index));
+                for (index, path) in self.listeners.iter().enumerate() {
+                    let index = index as u32;
+                    let mut snapshot = kernel.pending(index);
+                    // A pending entry whose accept went unseen (a race the program cannot
+                    // close) would age forever and look like a stall: before an age can
+                    // count, the kernel's own accept queue must agree that someone waits.
+                    if snapshot.oldest_age >= Some(STALE_CHECK_AGE)
+                        && let Ok(samples) =
+                            tokio::task::block_in_place(|| sockdiag::sample_listener(path))
+                        && samples.iter().map(|s| s.pending).sum::<u32>() == 0
+                    {
+                        let dropped = kernel.purge_pending(index, STALE_CHECK_AGE);
+                        debug!(dropped, listener = %path.display(), "dropped pending entries the kernel's accept queue does not hold");
+                        snapshot = PendingSnapshot::default();
+                    }
+                    merge(snapshot);
                 }
                 Source::Ebpf
             }

@@ -132,6 +132,7 @@ impl Formats {
 pub struct StructOffsets {
     pub task_exit_code: Result<u32, String>,
     pub sock_receive_queue_tail: Result<u32, String>,
+    pub sock_receive_queue_head: Result<u32, String>,
 }
 
 impl StructOffsets {
@@ -141,6 +142,7 @@ impl StructOffsets {
             Err(e) => {
                 return Self {
                     task_exit_code: Err(e.clone()),
+                    sock_receive_queue_head: Err(e.clone()),
                     sock_receive_queue_tail: Err(e),
                 };
             }
@@ -148,12 +150,18 @@ impl StructOffsets {
         let task_exit_code = btf
             .member_offset("task_struct", &["exit_code"])
             .map_err(|e| e.to_string());
-        let sock_receive_queue_tail = btf
+        let sock_receive_queue_head = btf
             .member_offset("sock", &["sk_receive_queue"])
-            .and_then(|queue| Ok(queue + btf.member_offset("sk_buff_head", &["prev"])?))
             .map_err(|e| e.to_string());
+        let sock_receive_queue_tail = sock_receive_queue_head.clone().and_then(|queue| {
+            Ok(queue
+                + btf
+                    .member_offset("sk_buff_head", &["prev"])
+                    .map_err(|e| e.to_string())?)
+        });
         Self {
             task_exit_code,
+            sock_receive_queue_head,
             sock_receive_queue_tail,
         }
     }
@@ -174,7 +182,7 @@ pub fn build(formats: &Formats, offsets: &StructOffsets) -> Layout {
         data_ready_family: or_none(formats.sk_data_ready.offset("family", 2)),
         consume_skbaddr: or_none(formats.consume_skb.offset("skbaddr", 8)),
         sock_receive_queue_tail: or_none(offsets.sock_receive_queue_tail.clone().ok()),
-        _reserved: 0,
+        sock_receive_queue_head: or_none(offsets.sock_receive_queue_head.clone().ok()),
         reported_signals: FATAL_SIGNALS,
         // The fast path's offsets: filled in by `kernel::fentry` when it is tried.
         ..Layout::UNKNOWN

@@ -27,11 +27,10 @@ use aya::{
 };
 use observer_common::{
     ACCEPT_EVENTS_MAP, ACCEPT_PROGRAM, AcceptEvent, CONNECT_PROGRAM, COUNTERS_MAP,
-    EXIT_CODE_UNKNOWN, EXIT_EVENTS_MAP, ExePath, ExitEvent, FOLLOW_EXE_MAP, MAX_FOLLOW_EXE,
-    PROCESS_EXEC_PROGRAM, LAYOUT_GLOBAL, LEARN_MAP, LISTENERS_MAP,
-    LearnSlot, MAX_LISTENERS, NO_OFFSET, OOM_PROGRAM, PENDING_MAP, PROCESS_EXIT_PROGRAM,
-    PendingConnection, SIGNAL_EVENTS_MAP, SIGNAL_PROGRAM, SignalEvent, WATCHED_PIDS_MAP, counter,
-    signal_kind,
+    EXIT_CODE_UNKNOWN, EXIT_EVENTS_MAP, ExePath, ExitEvent, FOLLOW_EXE_MAP, LAYOUT_GLOBAL,
+    LEARN_MAP, LISTENERS_MAP, LearnSlot, MAX_FOLLOW_EXE, MAX_LISTENERS, NO_OFFSET, OOM_PROGRAM,
+    PENDING_MAP, PROCESS_EXEC_PROGRAM, PROCESS_EXIT_PROGRAM, PendingConnection, SIGNAL_EVENTS_MAP,
+    SIGNAL_PROGRAM, SignalEvent, WATCHED_PIDS_MAP, counter, signal_kind,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -394,7 +393,7 @@ impl KernelSensors {
                     last_thread: e.tid,
                     comm: comm_to_string(&e.comm),
                     exit_code: (e.exit_code != EXIT_CODE_UNKNOWN).then_some(e.exit_code),
-                last_signal: (e.last_signal.target != 0).then(|| signal_from(&e.last_signal)),
+                    last_signal: (e.last_signal.target != 0).then(|| signal_from(&e.last_signal)),
                     at,
                     delivery,
                     source: Source::Ebpf,
@@ -504,6 +503,24 @@ impl KernelSensors {
             let _ = self.pending.remove(&skb);
         }
         snapshot
+    }
+
+    /// Drops the connections recorded as pending on listener `index` for longer than
+    /// `older_than`: the kernel's own queue (sock_diag) shows none waiting, so these entries
+    /// outlived their accept unseen. Younger ones may be real and newer than that look.
+    pub fn purge_pending(&mut self, index: u32, older_than: Duration) -> usize {
+        let cutoff = monotonic_now_ns().saturating_sub(older_than.as_nanos() as u64);
+        let stale: Vec<u64> = self
+            .pending
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, conn)| conn.listener_index == index && conn.queued_ns <= cutoff)
+            .map(|(skb, _)| skb)
+            .collect();
+        for skb in &stale {
+            let _ = self.pending.remove(skb);
+        }
+        stale.len()
     }
 
     /// Forgets listener `index`'s address (its containerd is gone); the next heartbeat
