@@ -58,10 +58,14 @@ pub enum Plan {
 pub fn plan(verdict: State, unit: &UnitStatus, dead_pid: Option<u32>) -> Plan {
     match unit.job.as_deref() {
         Some("stop") => {
-            return Plan::LeaveStopped("a stop job is running on the unit: it is being stopped".into());
+            return Plan::LeaveStopped(
+                "a stop job is running on the unit: it is being stopped".into(),
+            );
         }
         Some(job) => {
-            return Plan::LeaveToSystemd(format!("systemd is already running a {job} job on the unit"));
+            return Plan::LeaveToSystemd(format!(
+                "systemd is already running a {job} job on the unit"
+            ));
         }
         None => {}
     }
@@ -252,7 +256,11 @@ mod tests {
     #[test]
     fn a_hung_active_unit_is_restarted() {
         assert_eq!(
-            plan(State::Hung, &unit("active", "running", Some(10), None), None),
+            plan(
+                State::Hung,
+                &unit("active", "running", Some(10), None),
+                None
+            ),
             Plan::Restart
         );
     }
@@ -267,15 +275,24 @@ mod tests {
     #[test]
     fn systemds_own_restart_is_left_to_it() {
         let u = unit("activating", "auto-restart", None, None);
-        assert!(matches!(plan(State::Crashed, &u, Some(10)), Plan::LeaveToSystemd(_)));
+        assert!(matches!(
+            plan(State::Crashed, &u, Some(10)),
+            Plan::LeaveToSystemd(_)
+        ));
         let u = unit("activating", "start", Some(11), Some("start"));
-        assert!(matches!(plan(State::Crashed, &u, Some(10)), Plan::LeaveToSystemd(_)));
+        assert!(matches!(
+            plan(State::Crashed, &u, Some(10)),
+            Plan::LeaveToSystemd(_)
+        ));
     }
 
     #[test]
     fn a_new_main_process_means_systemd_already_restarted_it() {
         let u = unit("active", "running", Some(11), None);
-        assert!(matches!(plan(State::Crashed, &u, Some(10)), Plan::LeaveToSystemd(_)));
+        assert!(matches!(
+            plan(State::Crashed, &u, Some(10)),
+            Plan::LeaveToSystemd(_)
+        ));
     }
 
     #[test]
@@ -287,16 +304,28 @@ mod tests {
     #[test]
     fn an_operator_stop_is_never_undone() {
         let u = unit("deactivating", "stop-sigterm", Some(10), Some("stop"));
-        assert!(matches!(plan(State::Crashed, &u, Some(10)), Plan::LeaveStopped(_)));
+        assert!(matches!(
+            plan(State::Crashed, &u, Some(10)),
+            Plan::LeaveStopped(_)
+        ));
         let u = unit("inactive", "dead", None, None);
-        assert!(matches!(plan(State::Crashed, &u, Some(10)), Plan::LeaveStopped(_)));
-        assert!(matches!(plan(State::Unreachable, &u, None), Plan::LeaveStopped(_)));
+        assert!(matches!(
+            plan(State::Crashed, &u, Some(10)),
+            Plan::LeaveStopped(_)
+        ));
+        assert!(matches!(
+            plan(State::Unreachable, &u, None),
+            Plan::LeaveStopped(_)
+        ));
     }
 
     #[test]
     fn systemds_start_limit_is_reported_not_fought() {
         let mut u = unit("failed", "failed", None, None);
         u.result = "start-limit-hit".into();
-        assert!(matches!(plan(State::Crashed, &u, Some(10)), Plan::Refused(_)));
+        assert!(matches!(
+            plan(State::Crashed, &u, Some(10)),
+            Plan::Refused(_)
+        ));
     }
 }

@@ -165,7 +165,9 @@ pub async fn run(
     let mut unit_changes = match agent.systemd.unit_changes().await {
         Ok(stream) => Some(Box::pin(stream)),
         Err(e) => {
-            warn!("cannot follow the unit's changes as they happen ({e}); reading them every probe interval");
+            warn!(
+                "cannot follow the unit's changes as they happen ({e}); reading them every probe interval"
+            );
             None
         }
     };
@@ -392,7 +394,10 @@ impl Agent<'_> {
                     self.refresh_unit().await;
                     let was_main = self.status.borrow().unit_state.exec_main_pid == Some(exit.pid);
                     if !was_main {
-                        debug!(pid = exit.pid, "exit of a process that was not containerd's main process");
+                        debug!(
+                            pid = exit.pid,
+                            "exit of a process that was not containerd's main process"
+                        );
                         return Decision::Wait;
                     }
                     self.detector.set_main_pid(Some(exit.pid));
@@ -507,7 +512,8 @@ impl Agent<'_> {
             result,
             count: 1,
         };
-        self.status.send_modify(|d| push_action(&mut d.actions, record));
+        self.status
+            .send_modify(|d| push_action(&mut d.actions, record));
     }
 
     fn publish_budget(&mut self) {
@@ -575,7 +581,9 @@ impl Agent<'_> {
         let systemd = self.systemd.clone();
         let config = self.actuator.clone();
         let done = done.clone();
-        let dead_pid = (verdict.state == State::Crashed).then_some(verdict.pid).flatten();
+        let dead_pid = (verdict.state == State::Crashed)
+            .then_some(verdict.pid)
+            .flatten();
         let main_pid = self.main_pid;
         tokio::spawn(async move {
             let unit = match actuator::settled_status(&systemd, dead_pid, config.settle).await {
@@ -592,7 +600,13 @@ impl Agent<'_> {
                 }
                 _ => None,
             };
-            let _ = done.send(ActionResult { plan, unit, restart }).await;
+            let _ = done
+                .send(ActionResult {
+                    plan,
+                    unit,
+                    restart,
+                })
+                .await;
         });
     }
 

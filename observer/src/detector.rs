@@ -80,7 +80,9 @@ pub enum Observation {
         ok: bool,
     },
     /// systemd reports the unit stopped on purpose (by an operator, or a clean exit).
-    UnitStopped { detail: String },
+    UnitStopped {
+        detail: String,
+    },
     /// The kernel's view of containerd's accept queue.
     Pending {
         count: u32,
@@ -656,7 +658,10 @@ mod tests {
         assert_eq!(d.state(), State::Stopped);
         for i in 0..10 {
             let t = t0 + ms(100 * i);
-            assert_eq!(d.observe(t, failed(t, ProbeFailure::Refused)), Decision::Wait);
+            assert_eq!(
+                d.observe(t, failed(t, ProbeFailure::Refused)),
+                Decision::Wait
+            );
             assert_eq!(d.observe(t, pending(Some(5000))), Decision::Wait);
         }
         d.observe(t0 + ms(2000), ok());

@@ -103,7 +103,11 @@ mod tests {
         // The file stays after the listener closes, as after a SIGKILL of containerd.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         let result = probe_version(&path, Duration::from_secs(1)).await;
-        assert!(matches!(result.outcome, Err((ProbeFailure::Refused, _))), "{:?}", result.outcome);
+        assert!(
+            matches!(result.outcome, Err((ProbeFailure::Refused, _))),
+            "{:?}",
+            result.outcome
+        );
         std::fs::remove_dir_all(&dir).unwrap();
         let missing = probe_version(&dir.join("missing.sock"), Duration::from_secs(1)).await;
         assert!(matches!(missing.outcome, Err((ProbeFailure::Refused, _))));
@@ -118,7 +122,11 @@ mod tests {
         // Bound and listening, never accepting: like a frozen containerd.
         let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let result = probe_version(&path, Duration::from_millis(200)).await;
-        assert!(matches!(result.outcome, Err((ProbeFailure::Timeout, _))), "{:?}", result.outcome);
+        assert!(
+            matches!(result.outcome, Err((ProbeFailure::Timeout, _))),
+            "{:?}",
+            result.outcome
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
