@@ -147,7 +147,12 @@ fn read_exact_by(stream: &mut UnixStream, buf: &mut [u8], deadline: Instant) -> 
         match stream.read(&mut buf[filled..]) {
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
             Ok(n) => filled += n,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 continue;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -180,7 +185,9 @@ mod tests {
 
     #[test]
     fn the_version_field_is_read_from_the_message() {
-        let message = [0, 0, 0, 0, 9, 0x0a, 3, b'1', b'.', b'6', 0x12, 2, b'a', b'b'];
+        let message = [
+            0, 0, 0, 0, 9, 0x0a, 3, b'1', b'.', b'6', 0x12, 2, b'a', b'b',
+        ];
         assert_eq!(version_of(&message).unwrap(), "1.6");
         assert!(version_of(&[0, 0, 0, 0, 0]).is_err());
     }

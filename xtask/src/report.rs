@@ -79,7 +79,10 @@ mod tests {
         assert!(once.contains("## Soak\n\n<!-- soak:"), "{once}");
         assert!(once.contains("first") && once.contains("hand-written"));
         let twice = replace_block(&once, "soak", "second", "## Soak");
-        assert!(!twice.contains("first") && twice.contains("second"), "{twice}");
+        assert!(
+            !twice.contains("first") && twice.contains("second"),
+            "{twice}"
+        );
         assert!(twice.contains("hand-written"));
         assert_eq!(twice.matches("<!-- soak:").count(), 1);
     }

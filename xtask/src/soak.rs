@@ -116,10 +116,11 @@ fn describe(r: &SoakReport, command: &str) -> String {
         out,
         "- containerd used {:.1} % of one CPU{}",
         r.containerd_cpu_percent,
-        r.throttled_periods.map_or(String::new(), |(all, throttled)| format!(
-            "; the cap stopped it in {throttled} of {all} periods of 100 ms ({:.0} %)",
-            throttled as f64 * 100.0 / all.max(1) as f64
-        ))
+        r.throttled_periods
+            .map_or(String::new(), |(all, throttled)| format!(
+                "; the cap stopped it in {throttled} of {all} periods of 100 ms ({:.0} %)",
+                throttled as f64 * 100.0 / all.max(1) as f64
+            ))
     );
     let _ = writeln!(
         out,
@@ -150,8 +151,8 @@ fn describe(r: &SoakReport, command: &str) -> String {
     );
     let _ = writeln!(
         out,
-        "- Oldest pending connection seen: {:.0} ms (stall threshold 1 s)",
-        r.max_pending_age_ms
+        "- Oldest pending connection the agent reported: {:.0} ms (stall threshold 1 s); above the threshold in {} sample(s), {} of them while the kernel's accept queue (`ss -xl` Recv-Q) was empty",
+        r.max_pending_age_ms, r.stalled_samples, r.phantom_pending_samples
     );
     let verdicts: Vec<String> = r
         .verdicts

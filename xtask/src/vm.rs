@@ -29,10 +29,13 @@ use anyhow::{Context, Result, bail};
 
 use crate::cmd::{self, TAG, find_in_path, is_root, target_dir, workspace_root};
 
-/// The Debian release the root disk is built from, and its mirror.
+/// The Debian release the root disk is built from, and the key its archive is signed with.
 const SUITE: &str = "bookworm";
-const MIRROR: &str = "http://deb.debian.org/debian";
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+/// Where the host's apt sources are; the VM uses the same Debian mirrors.
+const APT_SOURCES: &[&str] = &["/etc/apt/sources.list", "/etc/apt/sources.list.d"];
+/// Overrides the Debian mirror (`URL` of the archive with `dists/bookworm`).
+const MIRROR_ENV: &str = "OBSERVER_VM_MIRROR";
 
 /// What the root disk holds besides debootstrap's minimal base.
 const ROOTFS_PACKAGES: &[&str] = &[
@@ -104,20 +107,102 @@ impl Kernel {
     }
 
     /// The apt sources that carry this kernel's `linux-image-amd64`.
-    fn sources(self) -> String {
+    fn sources(self, mirrors: &Mirrors) -> String {
         let line = |suite: &str, mirror: &str| {
             format!("deb [signed-by={KEYRING}] {mirror} {suite} main\n")
         };
         match self {
             Kernel::V6_1 => {
-                line(SUITE, MIRROR)
-                    + &line(
-                        &format!("{SUITE}-security"),
-                        "http://deb.debian.org/debian-security",
-                    )
+                let mut sources = line(SUITE, &mirrors.archive);
+                if let Some(security) = &mirrors.security {
+                    sources += &line(&format!("{SUITE}-security"), security);
+                }
+                sources
             }
-            Kernel::V6_12 => line(&format!("{SUITE}-backports"), MIRROR),
+            // Backports live in the main archive.
+            Kernel::V6_12 => line(&format!("{SUITE}-backports"), &mirrors.archive),
         }
+    }
+}
+
+/// The Debian mirrors to fetch from: the archive, and the security archive if known.
+#[derive(Debug, PartialEq, Eq)]
+struct Mirrors {
+    archive: String,
+    security: Option<String>,
+}
+
+impl Mirrors {
+    /// `OBSERVER_VM_MIRROR`, else the mirrors the host's apt uses for bookworm.
+    fn find() -> Result<Mirrors> {
+        let mut text = String::new();
+        for source in APT_SOURCES {
+            let path = Path::new(source);
+            let files: Vec<PathBuf> = if path.is_dir() {
+                fs::read_dir(path)?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|e| e == "list" || e == "sources"))
+                    .collect()
+            } else {
+                vec![path.to_path_buf()]
+            };
+            for file in files {
+                text += &fs::read_to_string(file).unwrap_or_default();
+                text.push('\n');
+            }
+        }
+        let mut mirrors = Mirrors::from_sources(&text);
+        if let Ok(archive) = std::env::var(MIRROR_ENV) {
+            mirrors = Some(Mirrors {
+                archive,
+                security: mirrors.and_then(|m| m.security),
+            });
+        }
+        mirrors.with_context(|| {
+            format!(
+                "this host's apt has no Debian {SUITE} source: set {MIRROR_ENV} to a Debian mirror's URL"
+            )
+        })
+    }
+
+    /// Reads both apt source formats (one-line `deb URI suite ...` and deb822 stanzas).
+    fn from_sources(text: &str) -> Option<Mirrors> {
+        let mut pairs: Vec<(String, Vec<String>)> = Vec::new();
+        for line in text.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("deb ") {
+                let words: Vec<&str> = rest
+                    .split_whitespace()
+                    .skip_while(|w| w.starts_with('['))
+                    .filter(|w| !w.ends_with(']') || w.contains("://"))
+                    .collect();
+                if let [uri, suite, ..] = words[..] {
+                    pairs.push((uri.to_owned(), vec![suite.to_owned()]));
+                }
+            }
+        }
+        for stanza in text.split("\n\n") {
+            let field = |name: &str| {
+                stanza
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix(name).map(str::trim))
+                    .map(|v| v.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+            };
+            if let (Some(uris), Some(suites)) = (field("URIs:"), field("Suites:"))
+                && let Some(uri) = uris.first()
+            {
+                pairs.push((uri.clone(), suites));
+            }
+        }
+        let serving = |suite: &str| {
+            pairs
+                .iter()
+                .find(|(_, suites)| suites.iter().any(|s| s == suite))
+                .map(|(uri, _)| uri.trim_end_matches('/').to_owned())
+        };
+        Some(Mirrors {
+            archive: serving(SUITE)?,
+            security: serving(&format!("{SUITE}-security")),
+        })
     }
 }
 
@@ -148,14 +233,15 @@ pub fn vm(opts: VmOptions) -> Result<ExitCode> {
 
     let cache = target_dir().join("vm");
     fs::create_dir_all(&cache)?;
-    let kernel = fetch_kernel(&cache, opts.kernel)?;
+    let mirrors = Mirrors::find()?;
+    let kernel = fetch_kernel(&cache, opts.kernel, &mirrors)?;
     println!(
         "{TAG} kernel {} ({})",
         kernel.release,
         kernel.vmlinuz.display()
     );
     let initramfs = build_initramfs(&cache, &kernel)?;
-    let rootfs = build_rootfs(&cache)?;
+    let rootfs = build_rootfs(&cache, &mirrors.archive)?;
     let share = prepare_share(&cache, opts.kernel, &observer, &opts.paths)?;
     let prepared = started.elapsed();
     println!(
@@ -228,9 +314,9 @@ fn scratch_apt(dir: &Path, sources: &str) -> Result<Vec<String>> {
     ])
 }
 
-fn fetch_kernel(cache: &Path, kernel: Kernel) -> Result<UnpackedKernel> {
+fn fetch_kernel(cache: &Path, kernel: Kernel, mirrors: &Mirrors) -> Result<UnpackedKernel> {
     let apt_dir = cache.join(format!("apt-{}", kernel.name()));
-    let apt = scratch_apt(&apt_dir, &kernel.sources())?;
+    let apt = scratch_apt(&apt_dir, &kernel.sources(mirrors))?;
     // The lists are small (a second or two); refreshing them picks up a new kernel upload.
     let mut update = Command::new("apt-get");
     update.args(&apt).args(["-qq", "update"]);
@@ -299,7 +385,13 @@ fn build_initramfs(cache: &Path, kernel: &UnpackedKernel) -> Result<PathBuf> {
     }
     archive.char_device("dev/console", 5, 1);
     let busybox = find_in_path("busybox").context("busybox is not installed")?;
-    archive.file("bin/busybox", 0o755, &fs::read(&busybox)?);
+    let busybox = fs::read(&busybox)?;
+    if has_interpreter(&busybox) {
+        bail!(
+            "this host's busybox is linked dynamically and cannot run alone in an initramfs: apt-get install busybox-static"
+        );
+    }
+    archive.file("bin/busybox", 0o755, &busybox);
     let init = workspace_root().join("xtask/vm/init");
     archive.file("init", 0o755, &fs::read(&init)?);
     let mut names = String::new();
@@ -315,6 +407,26 @@ fn build_initramfs(cache: &Path, kernel: &UnpackedKernel) -> Result<PathBuf> {
     let out = cache.join(format!("initramfs-{}.cpio", kernel.release));
     fs::write(&out, archive.finish())?;
     Ok(out)
+}
+
+/// Whether a 64-bit ELF executable names a program interpreter (is linked dynamically).
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let u16_at = |at: usize| {
+        elf.get(at..at + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |at: usize| {
+        elf.get(at..at + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let phoff = elf
+        .get(0x20..0x28)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize);
+    let (Some(phoff), Some(size), Some(count)) = (phoff, u16_at(0x36), u16_at(0x38)) else {
+        return false;
+    };
+    (0..count as usize).any(|i| u32_at(phoff + i * size as usize) == Some(PT_INTERP))
 }
 
 /// `kernel/fs/ext4/ext4.ko.xz` → `ext4`.
@@ -449,7 +561,7 @@ const ROOTFS_FILES: &[(&str, &str)] = &[
 
 /// The root disk image, built once per recipe: debootstrap (cached on its own, by package
 /// list) plus the files of `xtask/vm/`.
-fn build_rootfs(cache: &Path) -> Result<PathBuf> {
+fn build_rootfs(cache: &Path, mirror: &str) -> Result<PathBuf> {
     let assets = workspace_root().join("xtask/vm");
     let packages = ROOTFS_PACKAGES.join(",");
     let base = cache.join(format!(
@@ -473,7 +585,7 @@ fn build_rootfs(cache: &Path) -> Result<PathBuf> {
                 .args(["--variant=minbase", &format!("--include={packages}")])
                 .arg(SUITE)
                 .arg(&partial)
-                .arg(MIRROR),
+                .arg(mirror),
         )?;
         // Package caches only make the image bigger.
         let _ = fs::remove_dir_all(partial.join("var/cache/apt/archives"));
@@ -633,10 +745,12 @@ fn boot_vm(
 fn report(results: &Path, kernel: Kernel, finished: bool) -> Result<bool> {
     let table = fs::read_to_string(results.join("results.tsv")).unwrap_or_default();
     let release = fs::read_to_string(results.join("kernel")).unwrap_or_default();
+    let clock = fs::read_to_string(results.join("clocksource")).unwrap_or_default();
     println!(
-        "{TAG} results on kernel {} ({}):",
+        "{TAG} results on kernel {} ({}, clocksource {}):",
         kernel.name(),
-        release.trim()
+        release.trim(),
+        clock.trim()
     );
     let mut failed = 0;
     let mut rows = 0;
@@ -707,6 +821,40 @@ kernel/drivers/block/virtio_blk.ko.xz:
     fn a_module_the_kernel_lacks_is_an_error() {
         let err = module_load_order(DEPS, "", &["virtio_pci"]).unwrap_err();
         assert!(err.to_string().contains("virtio_pci"), "{err}");
+    }
+
+    #[test]
+    fn mirrors_come_from_either_apt_source_format() {
+        let deb822 = "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n\n\
+                      Types: deb\nURIs: http://mirror.example/debian-security/\nSuites: bookworm-security\n";
+        assert_eq!(
+            Mirrors::from_sources(deb822),
+            Some(Mirrors {
+                archive: "http://mirror.example/debian".into(),
+                security: Some("http://mirror.example/debian-security".into()),
+            })
+        );
+        let one_line = "deb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main\n";
+        assert_eq!(
+            Mirrors::from_sources(one_line),
+            Some(Mirrors {
+                archive: "http://m.example/debian".into(),
+                security: None,
+            })
+        );
+        assert_eq!(
+            Mirrors::from_sources("deb http://m.example/debian trixie main\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_dynamic_executable_has_an_interpreter_and_busybox_static_has_none() {
+        let dynamic = fs::read("/bin/sh").unwrap();
+        assert!(has_interpreter(&dynamic));
+        if let Some(busybox) = find_in_path("busybox") {
+            assert!(!has_interpreter(&fs::read(busybox).unwrap()));
+        }
     }
 
     #[test]

@@ -23,6 +23,8 @@ SOCKET=/run/containerd/containerd.sock
 mkdir -p "$OUT"
 : >"$OUT/results.tsv"
 uname -r >"$OUT/kernel"
+# Program run times depend on it: under emulation a clock read can cost microseconds.
+cat /sys/devices/system/clocksource/clocksource0/current_clocksource >"$OUT/clocksource"
 
 say() { echo "vm: $*"; }
 
@@ -35,25 +37,41 @@ record() {
 status() {
     local try
     for try in 1 2 3; do
-        curl -sf --max-time 5 "$STATUS_URL" && return 0
+        curl -sSf --max-time 5 "$STATUS_URL" && return 0
         sleep 0.5
     done
+    say "no status document from $STATUS_URL"
     return 1
 }
 
 # wait_for SECONDS JQ_FILTER: until the status document satisfies the filter.
 wait_for() {
     local deadline=$((SECONDS + $1))
+    local doc
     while [ "$SECONDS" -lt "$deadline" ]; do
-        if status | jq -e "$2" >/dev/null 2>&1; then
+        # jq -e on no input at all succeeds: a missing document must not pass.
+        if doc=$(status) && [ -n "$doc" ] && jq -e "$2" <<<"$doc" >/dev/null 2>&1; then
             return 0
         fi
-        sleep 0.2
+        # Each check starts curl and jq: under emulation that is load in itself.
+        sleep 0.5
     done
     return 1
 }
 
-main_pid() { systemctl show -p MainPID --value containerd.service; }
+# containerd's main PID once it runs; a PID of 0 would make `kill` signal our own group.
+main_pid() {
+    local pid deadline=$((SECONDS + 30))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        pid=$(systemctl show -p MainPID --value containerd.service)
+        if [ "${pid:-0}" -gt 1 ]; then
+            echo "$pid"
+            return 0
+        fi
+        sleep 0.5
+    done
+    return 1
+}
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
 
@@ -107,7 +125,10 @@ check_accept_latency() {
 
 check_crash() {
     local path=$1 pid killer started
-    pid=$(main_pid)
+    if ! pid=$(main_pid); then
+        record "$path" crash fail "containerd.service has no main process"
+        return
+    fi
     started=$(now_ms)
     /bin/kill -KILL "$pid" &
     killer=$!
@@ -118,9 +139,11 @@ check_crash() {
     else
         record "$path" crash fail "no restart of PID $pid: $(status | jq -c '{state, last_exit, restarts: .restarts[-2:], actions: .actions[-2:]}')"
     fi
-    if status | jq -e --argjson pid "$pid" --argjson killer "$killer" \
+    local doc
+    if doc=$(status) && [ -n "$doc" ] && jq -e --argjson pid "$pid" --argjson killer "$killer" \
         '.last_exit.pid == $pid and .last_exit.source == "ebpf" and .last_exit.cause.signal == 9
-         and .last_exit.cause.sender_pid == $killer and .last_exit.cause.sender_comm == "kill"' >/dev/null; then
+         and .last_exit.cause.sender_pid == $killer and .last_exit.cause.sender_comm == "kill"' \
+        <<<"$doc" >/dev/null; then
         record "$path" exit_cause pass "$(status | jq -r '.last_exit.cause | "\(.signal_name) from pid \(.sender_pid) (\(.sender_comm))"')"
     else
         record "$path" exit_cause fail "expected SIGKILL from pid $killer (kill): $(status | jq -c '.last_exit')"
@@ -130,7 +153,10 @@ check_crash() {
 
 check_freeze() {
     local path=$1 pid started
-    pid=$(main_pid)
+    if ! pid=$(main_pid); then
+        record "$path" freeze fail "containerd.service has no main process"
+        return
+    fi
     started=$(now_ms)
     kill -STOP "$pid"
     if wait_for 60 "any(.restarts[]; .old_pid == $pid and .reason == \"hung\" and .new_pid != null)"; then

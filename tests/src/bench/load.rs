@@ -39,7 +39,20 @@ pub struct StormSpec {
 }
 
 impl StormSpec {
-    /// Unbounded: one thread connecting and closing, one calling `Version()` back to back.
+    /// Heavy but within what containerd accepts: 2000 connections a second from two threads,
+    /// and 100 `Version()` calls a second.
+    pub fn paced() -> Self {
+        StormSpec {
+            connect_threads: 2,
+            connect_rate: Some(2000),
+            version_threads: 1,
+            version_interval: Some(Duration::from_millis(10)),
+            version_timeout: Some(Duration::from_secs(5)),
+        }
+    }
+
+    /// Unbounded: one thread connecting and closing as fast as the accept queue lets it (a
+    /// blocking connect waits while the queue is full), one calling `Version()` back to back.
     pub fn flat_out() -> Self {
         StormSpec {
             connect_threads: 1,
@@ -110,7 +123,9 @@ impl Storm {
             .map(|rate| Duration::from_secs_f64(spec.connect_threads as f64 / f64::from(rate)));
         for _ in 0..spec.connect_threads {
             let (socket, stop) = (socket.to_path_buf(), stop.clone());
-            threads.push(thread::spawn(move || connect_loop(&socket, per_thread_gap, &stop)));
+            threads.push(thread::spawn(move || {
+                connect_loop(&socket, per_thread_gap, &stop)
+            }));
         }
         for _ in 0..spec.version_threads {
             let (socket, stop) = (socket.to_path_buf(), stop.clone());
@@ -264,8 +279,9 @@ impl CycleSocket {
         Ok(CycleSocket { path, listener })
     }
 
-    /// Nanoseconds per connect + accept + close of both ends, over about `length`.
-    pub fn cycle_ns(&self, length: Duration) -> io::Result<f64> {
+    /// Nanoseconds per connect + accept + close of both ends, over about `length`, and the
+    /// number of cycles.
+    pub fn cycle_ns(&self, length: Duration) -> io::Result<(f64, u64)> {
         let started = Instant::now();
         let mut cycles = 0u64;
         while started.elapsed() < length {
@@ -277,7 +293,10 @@ impl CycleSocket {
             }
             cycles += 100;
         }
-        Ok(started.elapsed().as_secs_f64() * 1e9 / cycles as f64)
+        Ok((
+            started.elapsed().as_secs_f64() * 1e9 / cycles as f64,
+            cycles,
+        ))
     }
 }
 
@@ -287,8 +306,9 @@ impl Drop for CycleSocket {
     }
 }
 
-/// Nanoseconds per `getppid(2)` (a raw syscall: no libc caching), over about `length`.
-pub fn syscall_ns(length: Duration) -> f64 {
+/// Nanoseconds per `getppid(2)` (a raw syscall: no libc caching), over about `length`, and
+/// the number of calls.
+pub fn syscall_ns(length: Duration) -> (f64, u64) {
     let started = Instant::now();
     let mut calls = 0u64;
     while started.elapsed() < length {
@@ -298,7 +318,7 @@ pub fn syscall_ns(length: Duration) -> f64 {
         }
         calls += 10_000;
     }
-    started.elapsed().as_secs_f64() * 1e9 / calls as f64
+    (started.elapsed().as_secs_f64() * 1e9 / calls as f64, calls)
 }
 
 fn opt_ms<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {

@@ -148,6 +148,9 @@ impl Config {
 /// cost CPU that a node does not pay.
 pub(crate) const LOG_ARGS: [&str; 2] = ["--log-level", "info"];
 
+/// How long a restart, from the verdict to a new containerd answering, may take.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// One trial.
 #[derive(Debug, Clone, Serialize)]
 pub struct TrialResult {
@@ -208,7 +211,11 @@ impl TrialResult {
                 t.evidence.join("+"),
                 t.fault_to_answer_ms,
                 t.restart_ms.unwrap_or(f64::NAN),
-                if t.killed_main { ", main process killed" } else { "" }
+                if t.killed_main {
+                    ", main process killed"
+                } else {
+                    ""
+                }
             ),
             (None, Some(err)) => format!("{what}: FAILED: {err}"),
             (None, None) => format!("{what}: no result"),
@@ -245,25 +252,31 @@ fn measure(scenario: Scenario, config: Config, trial: usize) -> Result<TrialTime
         .map_err(|e| e.to_string())?
         .ok_or("containerd's unit has no main process")?;
     let target = match scenario {
-        Scenario::Wedge => child_named(main, "containerd")
-            .ok_or("no containerd under the wedged main process")?,
+        Scenario::Wedge => {
+            child_named(main, "containerd").ok_or("no containerd under the wedged main process")?
+        }
         _ => main,
     };
 
     thread::sleep(random_below(config.probe_interval(), trial));
-    let phase = healthy_at.elapsed().as_secs_f64() * 1e3 % config.probe_interval().as_millis() as f64;
+    let phase =
+        healthy_at.elapsed().as_secs_f64() * 1e3 % config.probe_interval().as_millis() as f64;
     let fault_wall = SystemTime::now();
     let fault = Instant::now();
     signal(target, scenario.signal());
 
     thread::scope(|scope| {
         // After a crash nothing can queue on the dead listener: ask from the start.
-        let early = (scenario == Scenario::Crash)
-            .then(|| scope.spawn(|| first_answer(&sandbox, main, fault)));
+        let early = (scenario == Scenario::Crash).then(|| {
+            scope.spawn(|| {
+                let within = config.verdict_timeout() + RECOVERY_TIMEOUT;
+                first_answer(&sandbox, main, fault, within)
+            })
+        });
         let verdict = wait_for_verdict(&observer, fault_wall, config)?;
         let answered = match early {
             Some(handle) => handle.join().map_err(|_| "the Version() client panicked")?,
-            None => first_answer(&sandbox, main, fault),
+            None => first_answer(&sandbox, main, fault, RECOVERY_TIMEOUT),
         }?;
         let doc = observer
             .wait_for_status(
@@ -337,9 +350,15 @@ fn wait_for_verdict(
     }
 }
 
-/// Time from `fault` to the first `Version()` answered by a containerd of a new main process.
-fn first_answer(sandbox: &Sandbox, old_main: u32, fault: Instant) -> Result<Duration, String> {
-    let deadline = fault + Duration::from_secs(60);
+/// Time from `fault` to the first `Version()` answered by a containerd of a new main process,
+/// waiting up to `within` from now.
+fn first_answer(
+    sandbox: &Sandbox,
+    old_main: u32,
+    fault: Instant,
+    within: Duration,
+) -> Result<Duration, String> {
+    let deadline = Instant::now() + within;
     let mut last_error = String::new();
     while Instant::now() < deadline {
         match containerd_version(sandbox.socket(), Duration::from_secs(1)) {
@@ -359,7 +378,7 @@ fn first_answer(sandbox: &Sandbox, old_main: u32, fault: Instant) -> Result<Dura
         }
     }
     Err(format!(
-        "no new containerd answered Version() within 60 s of the fault (last error: {last_error})"
+        "no new containerd answered Version() within {within:?} (last error: {last_error})"
     ))
 }
 

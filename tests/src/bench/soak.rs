@@ -12,6 +12,7 @@ use std::{
     collections::HashSet,
     fs,
     path::{Path, PathBuf},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -83,6 +84,13 @@ pub struct SoakReport {
     /// containerd's main PID at the end differs from the start.
     pub main_pid_changed: bool,
     pub max_pending_age_ms: f64,
+    /// Samples in which the agent reported a connection pending for longer than the stall
+    /// threshold while the kernel's accept queue of the socket (`ss -xl`, Recv-Q) was empty:
+    /// a pending connection that is not there.
+    pub phantom_pending_samples: usize,
+    /// Samples in which the agent reported a connection pending for longer than the stall
+    /// threshold.
+    pub stalled_samples: usize,
     /// The agent's own probes, as `/status` reported them.
     pub probe_latency_ms: Option<Summary>,
     pub probes: usize,
@@ -115,7 +123,10 @@ pub fn run(plan: &SoakPlan, progress: &mut dyn FnMut(&str)) -> Result<SoakReport
         .map_err(|e| e.to_string())?
         .ok_or("containerd's unit has no main process")?;
     let throttle = Throttle::apply(&sandbox, containerd, plan.cpu_quota_percent)?;
-    progress(&format!("containerd (pid {containerd}) capped: {}", throttle.how));
+    progress(&format!(
+        "containerd (pid {containerd}) capped: {}",
+        throttle.how
+    ));
     let throttled_before = throttle.periods();
     let containerd_before = procfs::sample(containerd).map_err(|e| e.to_string())?;
 
@@ -130,6 +141,7 @@ pub fn run(plan: &SoakPlan, progress: &mut dyn FnMut(&str)) -> Result<SoakReport
     let mut memory_series = Vec::new();
     let mut next_report = Duration::from_secs(60);
     let mut status_errors = 0usize;
+    let (mut stalled_samples, mut phantom_samples) = (0usize, 0usize);
     for verdict in doc["verdicts"].as_array().into_iter().flatten() {
         seen_verdicts.insert(verdict["at"].to_string());
     }
@@ -182,24 +194,28 @@ pub fn run(plan: &SoakPlan, progress: &mut dyn FnMut(&str)) -> Result<SoakReport
                 probe_failures += 1;
             }
         }
-        max_pending = max_pending.max(
-            doc["pending_connections"]["oldest_age_ms"]
-                .as_f64()
-                .unwrap_or(0.0),
-        );
+        let oldest = doc["pending_connections"]["oldest_age_ms"]
+            .as_f64()
+            .unwrap_or(0.0);
+        max_pending = max_pending.max(oldest);
+        if oldest > STALL_THRESHOLD_MS {
+            stalled_samples += 1;
+            if accept_queue_len(sandbox.socket()) == Some(0) {
+                phantom_samples += 1;
+            }
+        }
         restarts = doc["restarts"].as_array().map_or(0, Vec::len);
         if elapsed >= next_report {
             next_report += Duration::from_secs(60);
             let p = summarize(&probe_ms);
             progress(&format!(
-                "{:>4.0} s: {}, VmRSS {:.1} MiB, probes p50 {:.1} ms p99 {:.1} ms max {:.1} ms, {probe_failures} failed, oldest pending {:.0} ms, {restarts} restart(s)",
+                "{:>4.0} s: {}, VmRSS {:.1} MiB, probes p50 {:.1} ms p99 {:.1} ms max {:.1} ms, {probe_failures} failed, oldest pending {oldest:.0} ms now and {max_pending:.0} ms at most ({phantom_samples} sample(s) with an empty kernel queue), {restarts} restart(s)",
                 elapsed.as_secs_f64(),
                 doc["state"].as_str().unwrap_or("?"),
                 memory_series.last().map_or(f64::NAN, |m| m.1),
                 p.map_or(f64::NAN, |s| s.median),
                 p.map_or(f64::NAN, |s| s.p99),
                 p.map_or(f64::NAN, |s| s.max),
-                max_pending,
             ));
         }
     }
@@ -223,7 +239,9 @@ pub fn run(plan: &SoakPlan, progress: &mut dyn FnMut(&str)) -> Result<SoakReport
 
     let mut failures = Vec::new();
     if restarts > 0 {
-        failures.push(format!("the observer restarted containerd {restarts} time(s)"));
+        failures.push(format!(
+            "the observer restarted containerd {restarts} time(s)"
+        ));
     }
     if main_now != Some(containerd) {
         failures.push(format!(
@@ -249,13 +267,16 @@ pub fn run(plan: &SoakPlan, progress: &mut dyn FnMut(&str)) -> Result<SoakReport
         plan: plan.clone(),
         seconds,
         throttle: throttle.how.clone(),
-        containerd_cpu_percent: containerd_after
-            .map_or(f64::NAN, |after| procfs::cpu_percent(&containerd_before, &after)),
+        containerd_cpu_percent: containerd_after.map_or(f64::NAN, |after| {
+            procfs::cpu_percent(&containerd_before, &after)
+        }),
         throttled_periods,
         verdicts,
         restarts,
         main_pid_changed: main_now != Some(containerd),
         max_pending_age_ms: max_pending,
+        phantom_pending_samples: phantom_samples,
+        stalled_samples,
         probe_latency_ms: summarize(&probe_ms),
         probes: probe_ms.len() + probe_failures,
         probe_failures,
@@ -267,6 +288,23 @@ pub fn run(plan: &SoakPlan, progress: &mut dyn FnMut(&str)) -> Result<SoakReport
         passed: failures.is_empty(),
         failures,
     })
+}
+
+/// The agent's default `--stall-threshold`, in ms.
+const STALL_THRESHOLD_MS: f64 = 1000.0;
+
+/// Connections waiting in the accept queue of the listening socket at `path`: Recv-Q of
+/// `ss -xlH`. `None` when ss is missing or does not list the socket.
+fn accept_queue_len(path: &Path) -> Option<u64> {
+    let out = Command::new("ss").arg("-xlH").output().ok()?;
+    let path = path.to_str()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            // u_str LISTEN <Recv-Q> <Send-Q> <path> <inode> * 0
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(4) == Some(&path)).then(|| fields.get(2)?.parse().ok())?
+        })
 }
 
 /// containerd's CPU cap. On a cgroup v1 host it is a cgroup named after the sandbox in the
@@ -294,8 +332,12 @@ impl Throttle {
                 .unwrap_or_default();
             let dir = v1.join(name);
             let write = |file: &str, value: String| {
-                fs::write(dir.join(file), &value)
-                    .map_err(|e| format!("could not write {value} to {}: {e}", dir.join(file).display()))
+                fs::write(dir.join(file), &value).map_err(|e| {
+                    format!(
+                        "could not write {value} to {}: {e}",
+                        dir.join(file).display()
+                    )
+                })
             };
             fs::create_dir_all(&dir)
                 .map_err(|e| format!("could not create {}: {e}", dir.display()))?;
@@ -337,7 +379,11 @@ impl Throttle {
         }
         Ok(Throttle {
             stat: dir.join("cpu.stat"),
-            how: format!("CPUQuota={percent}% on the unit ({}/cpu.max: {})", dir.display(), max.trim()),
+            how: format!(
+                "CPUQuota={percent}% on the unit ({}/cpu.max: {})",
+                dir.display(),
+                max.trim()
+            ),
         })
     }
 
