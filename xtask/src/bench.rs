@@ -133,6 +133,18 @@ pub fn invocation() -> String {
     format!("cargo xtask {}", args.join(" "))
 }
 
+/// A ratio's median as a change, with its range over rounds.
+fn spread(ratio: Option<bench::Summary>) -> String {
+    ratio.map_or("–".to_owned(), |r| {
+        format!(
+            "{} ({} – {})",
+            change(r.median),
+            change(r.min),
+            change(r.max)
+        )
+    })
+}
+
 fn write(path: &Path, contents: &str) -> Result<()> {
     fs::write(path, contents).with_context(|| format!("could not write {}", path.display()))
 }
@@ -208,9 +220,19 @@ fn headline(results: &BenchResults) -> String {
         let parts: Vec<String> = slowdown
             .workloads
             .iter()
-            .filter_map(|w| Some(format!("{} {}", w.name, change(w.fused_ratio?.median))))
+            .filter_map(|w| {
+                let without = bench::summarize(&w.without_ns)?.median;
+                Some(format!(
+                    "{}: its eBPF programs add {:.0} ns ({:.1} %), measured {} against a control of {}",
+                    w.name,
+                    w.fused_bpf_ns?.median,
+                    w.fused_bpf_ns?.median / without * 100.0,
+                    change(w.fused_ratio?.median),
+                    change(w.polling_ratio?.median)
+                ))
+            })
             .collect();
-        let _ = write!(out, " Unrelated work while it runs: {}.", parts.join(", "));
+        let _ = write!(out, " Unrelated work while it runs: {}.", parts.join("; "));
     }
     out.push('\n');
     out
@@ -371,29 +393,29 @@ fn results_section(results: &BenchResults, command: &str) -> String {
                 out,
                 "{} rounds; each round samples both workloads for {:.1} s without the agent, with the \
                  fused agent and with the polling-only agent, in a rotating order. Ratios are per \
-                 round (with / without), then the median over rounds.\n",
+                 round (with / without), then the median over rounds (min–max in brackets). The \
+                 polling-only agent attaches no hook, so its column is a control: how far this \
+                 machine's noise alone moves the figure. The last column charges the fused agent's \
+                 eBPF run time (BPF stats read around each sample) to the workload's operations.\n",
                 s.rounds, s.sample_s
             );
-            out.push_str("| workload | without | fused | fused / without | polling-only | polling-only / without |\n");
-            out.push_str("|---|---|---|---|---|---|\n");
+            out.push_str("| workload | without | fused | fused / without | polling-only | polling-only / without (control) | fused eBPF per operation |\n");
+            out.push_str("|---|---|---|---|---|---|---|\n");
             let median = |v: &[f64]| bench::summarize(v).map_or(f64::NAN, |s| s.median);
             for w in &s.workloads {
                 let _ = writeln!(
                     out,
-                    "| {} | {:.0} ns | {:.0} ns | {} | {:.0} ns | {} |",
+                    "| {} | {:.0} ns | {:.0} ns | {} | {:.0} ns | {} | {} |",
                     w.name,
                     median(&w.without_ns),
                     median(&w.fused_ns),
-                    w.fused_ratio.map_or("–".to_owned(), |r| format!(
-                        "{:.3} ({})",
-                        r.median,
-                        change(r.median)
-                    )),
+                    spread(w.fused_ratio),
                     median(&w.polling_ns),
-                    w.polling_ratio.map_or("–".to_owned(), |r| format!(
-                        "{:.3} ({})",
-                        r.median,
-                        change(r.median)
+                    spread(w.polling_ratio),
+                    w.fused_bpf_ns.map_or("–".to_owned(), |b| format!(
+                        "{:.0} ns ({:.1} %)",
+                        b.median,
+                        b.median / median(&w.without_ns) * 100.0
                     )),
                 );
             }
