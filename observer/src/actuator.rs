@@ -218,6 +218,13 @@ async fn request_stack_dump(systemd: &Systemd, pid: Option<u32>) -> String {
         return "SIGUSR1 sent; the main PID is unknown, so the dump file cannot be named".into();
     };
     let file = stack_dump_path(pid);
+    if let Some(state) = stopped_state(pid) {
+        // A stopped process handles SIGUSR1 only once systemd's stop sends SIGCONT: waiting
+        // here would only delay the restart.
+        return format!(
+            "SIGUSR1 sent; no dump yet: containerd is stopped (state {state}), so it can write one only while systemd stops it"
+        );
+    }
     let deadline = Instant::now() + Duration::from_millis(500);
     while Instant::now() < deadline {
         if file.exists() {
@@ -232,6 +239,20 @@ async fn request_stack_dump(systemd: &Systemd, pid: Option<u32>) -> String {
     )
 }
 
+/// The process's state letter from `/proc/<pid>/stat` when it is stopped (`T`) or stopped
+/// by a tracer (`t`); `None` when it runs, sleeps, or cannot be read.
+fn stopped_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    process_state(&stat).filter(|state| matches!(state, 'T' | 't'))
+}
+
+/// The state field of a `/proc/<pid>/stat` line: the first field after the command name,
+/// which is in parentheses and may itself hold spaces and parentheses.
+fn process_state(stat: &str) -> Option<char> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.trim_start().chars().next()
+}
+
 /// Where containerd 1.6 writes its goroutine dump, besides its log.
 fn stack_dump_path(pid: u32) -> PathBuf {
     PathBuf::from(format!("/tmp/containerd.{pid}.stacks.log"))
@@ -240,6 +261,19 @@ fn stack_dump_path(pid: u32) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_state_is_read_after_the_last_parenthesis() {
+        assert_eq!(process_state("42 (containerd) T 1 42 42 0"), Some('T'));
+        assert_eq!(process_state("42 (a) b (c)) S 1"), Some('S'));
+        assert_eq!(process_state("42 (truncated"), None);
+        assert_eq!(process_state(""), None);
+    }
+
+    #[test]
+    fn our_own_running_process_is_not_stopped() {
+        assert_eq!(stopped_state(std::process::id()), None);
+    }
 
     fn unit(active: &str, sub: &str, main: Option<u32>, job: Option<&str>) -> UnitStatus {
         UnitStatus {

@@ -92,6 +92,7 @@ pub async fn run(
     let detector = Detector::new(DetectorConfig {
         stall_threshold: settings.stall_threshold,
         failures_to_hang: settings.failures_to_hang,
+        confirm_after: settings.stall_threshold / 2,
         confirm_spacing: settings.probe_timeout,
     });
     let (status_tx, status_rx) = watch::channel(StatusDocument {

@@ -7,8 +7,11 @@
 //! Rules:
 //! - a kernel-reported exit of containerd's main process is a crash at once;
 //! - a connection waiting in containerd's accept queue longer than `stall_threshold` is a
-//!   kernel suspicion: containerd becomes suspect and a confirming probe is asked for at once;
-//! - a failed probe while that suspicion stands is a hang;
+//!   kernel suspicion: containerd becomes suspect;
+//! - a confirming probe is asked for once the oldest connection has waited `confirm_after`
+//!   (half the stall threshold by default), so that its deadline runs alongside the threshold
+//!   instead of after it;
+//! - a failed probe while the suspicion stands is a hang;
 //! - without kernel evidence, `failures_to_hang` consecutive failed probes make a hang
 //!   (timeouts) or an unreachable containerd (connection refused, socket missing);
 //! - a probe that answers, however slowly, makes containerd healthy: slow is not hung;
@@ -26,6 +29,10 @@ pub struct DetectorConfig {
     pub failures_to_hang: u32,
     /// Age of the oldest pending connection from which the accept loop looks stalled.
     pub stall_threshold: Duration,
+    /// Age of the oldest pending connection from which a confirming probe is asked for.
+    /// Below `stall_threshold`, so that a hang is judged about one probe deadline sooner;
+    /// the verdict still needs the full threshold and a failed probe.
+    pub confirm_after: Duration,
     /// Least time between two confirming probes asked for by kernel suspicion.
     pub confirm_spacing: Duration,
 }
@@ -35,6 +42,7 @@ impl Default for DetectorConfig {
         Self {
             failures_to_hang: 3,
             stall_threshold: Duration::from_secs(1),
+            confirm_after: Duration::from_millis(500),
             confirm_spacing: Duration::from_secs(1),
         }
     }
@@ -286,8 +294,8 @@ impl Detector {
                 oldest_age,
                 sensor,
             } => {
-                let stalled = oldest_age.filter(|age| *age >= self.config.stall_threshold);
-                let Some(age) = stalled else {
+                let confirm_after = self.config.confirm_after.min(self.config.stall_threshold);
+                let Some(age) = oldest_age.filter(|age| *age >= confirm_after) else {
                     self.stall = None;
                     return Decision::Wait;
                 };
@@ -295,7 +303,10 @@ impl Detector {
                     return Decision::Wait;
                 }
                 let queued = now.checked_sub(age).unwrap_or(now);
-                if self.stall.is_none() {
+                if age < self.config.stall_threshold {
+                    // Not a stall yet, but worth a probe whose deadline ends past the threshold.
+                    self.stall = None;
+                } else if self.stall.is_none() {
                     let evidence = Evidence {
                         source: sensor,
                         at: queued,
@@ -558,7 +569,7 @@ mod tests {
     fn a_stalled_accept_queue_asks_for_a_probe_at_once_and_makes_containerd_suspect() {
         let t0 = Instant::now();
         let mut d = healthy_detector(t0);
-        assert_eq!(d.observe(t0, pending(Some(500))), Decision::Wait);
+        assert_eq!(d.observe(t0, pending(Some(400))), Decision::Wait);
         assert_eq!(d.state(), State::Healthy);
         assert_eq!(
             d.observe(t0 + ms(600), pending(Some(1100))),
@@ -567,6 +578,57 @@ mod tests {
         assert_eq!(d.state(), State::Suspect);
         let v = d.take_verdicts();
         assert_eq!(v[0].first_sign, t0 + ms(600) - ms(1100));
+    }
+
+    #[test]
+    fn the_confirming_probe_leaves_at_half_the_threshold_without_suspicion() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        assert_eq!(d.observe(t0, pending(Some(500))), Decision::ProbeNow);
+        assert_eq!(d.state(), State::Healthy);
+        assert!(d.take_verdicts().is_empty());
+    }
+
+    #[test]
+    fn an_early_confirming_probe_that_fails_once_the_stall_stands_is_a_hang() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        // Queued at t0; the probe leaves at 500 ms, the stall stands from 1000 ms, the probe's
+        // 1 s deadline passes at 1500 ms.
+        assert_eq!(
+            d.observe(t0 + ms(500), pending(Some(500))),
+            Decision::ProbeNow
+        );
+        for age in (600..=1400).step_by(100) {
+            assert!(!matches!(
+                d.observe(t0 + ms(age), pending(Some(age))),
+                Decision::Restart(_)
+            ));
+        }
+        assert_eq!(d.state(), State::Suspect);
+        let Decision::Restart(v) =
+            d.observe(t0 + ms(1500), failed(t0 + ms(500), ProbeFailure::Timeout))
+        else {
+            panic!("expected a restart");
+        };
+        assert_eq!(v.state, State::Hung);
+        assert_eq!(v.detection_latency(), ms(1500));
+    }
+
+    #[test]
+    fn a_probe_that_fails_before_the_stall_threshold_is_no_hang() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        assert_eq!(
+            d.observe(t0 + ms(500), pending(Some(500))),
+            Decision::ProbeNow
+        );
+        // A short deadline: the probe fails while the oldest connection is 800 ms old.
+        assert_eq!(
+            d.observe(t0 + ms(800), failed(t0 + ms(500), ProbeFailure::Timeout)),
+            Decision::Wait
+        );
+        assert_ne!(d.state(), State::Hung);
     }
 
     #[test]
