@@ -1,14 +1,61 @@
 //! `cargo xtask test` and `cargo xtask lint`: the checks CI runs, runnable the same way by hand.
 
-use std::{env, process::Command};
+use std::{env, process::Command, time::Duration};
 
 use anyhow::{Result, bail};
 
-use crate::cmd::{self, TAG, is_root, target_dir};
+use crate::{
+    cmd::{self, TAG, is_root, target_dir},
+    vm::{self, Kernel, KernelChoice},
+};
 
 /// Builds the observer, then runs the workspace's tests (its default members: the eBPF crate
-/// only builds for the BPF target) with `OBSERVER_BIN` naming the binary under test.
-pub fn test(cargo_test_args: &[String]) -> Result<()> {
+/// only builds for the BPF target) with `OBSERVER_BIN` naming the binary under test, then the
+/// kernel matrix: the VM scenarios on each of `kernels` (default: all under `CI=true`).
+pub fn test(cargo_test_args: &[String], kernels: Option<Vec<KernelChoice>>) -> Result<()> {
+    let in_ci = env::var("CI").is_ok_and(|v| v == "true");
+    let kernels: Vec<Kernel> = match kernels {
+        Some(chosen) => chosen.iter().filter_map(|k| k.kernel()).collect(),
+        None if in_ci => Kernel::ALL.to_vec(),
+        None => Vec::new(),
+    };
+    workspace_tests(cargo_test_args)?;
+    if kernels.is_empty() {
+        println!(
+            "{TAG} kernel matrix: not run (it takes minutes per kernel; CI=true runs it): `cargo xtask test --kernels 6.1,6.12` or `cargo xtask vm --kernel 6.1`"
+        );
+        return Ok(());
+    }
+    let mut failed = Vec::new();
+    for kernel in &kernels {
+        println!("{TAG} kernel matrix: Debian {}", kernel.name());
+        let outcome = vm::vm(vm::VmOptions {
+            kernel: *kernel,
+            paths: vec!["auto".into(), "tracepoint".into()],
+            timeout: Duration::from_secs(30 * 60),
+            memory_mib: 2048,
+        });
+        match outcome {
+            Ok(true) => {}
+            Ok(false) => failed.push(format!("{}: a scenario failed", kernel.name())),
+            Err(err) => failed.push(format!("{}: {err:#}", kernel.name())),
+        }
+    }
+    if !failed.is_empty() {
+        bail!("kernel matrix failed:\n  {}", failed.join("\n  "));
+    }
+    println!(
+        "{TAG} kernel matrix: all scenarios passed on Debian {}",
+        kernels
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+fn workspace_tests(cargo_test_args: &[String]) -> Result<()> {
     crate::setup::setup(false)?;
     cmd::run(cmd::cargo().args(["build", "-p", "observer"]))?;
 

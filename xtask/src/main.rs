@@ -43,8 +43,13 @@ enum Task {
         #[arg(last = true, value_name = "OBSERVER_ARGS")]
         observer_args: Vec<String>,
     },
-    /// Build the observer, then run the workspace tests with OBSERVER_BIN set.
+    /// Build the observer, run the workspace tests with OBSERVER_BIN set, then the kernel
+    /// matrix (`cargo xtask vm`) on the kernels given by `--kernels`.
     Test {
+        /// Debian kernels to run the VM scenarios on after the tests, comma-separated, or
+        /// `none`. Default: every kernel under `CI=true`, none otherwise (they take minutes).
+        #[arg(long, value_delimiter = ',', value_name = "KERNELS")]
+        kernels: Option<Vec<vm::KernelChoice>>,
         /// Arguments for `cargo test`, after `--` (e.g. `-- -p observer -- --nocapture`).
         #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
         cargo_test_args: Vec<String>,
@@ -117,9 +122,10 @@ fn main() -> ExitCode {
             prebuilt,
             observer_args,
         }),
-        Task::Test { cargo_test_args } => {
-            checks::test(&cargo_test_args).map(|()| ExitCode::SUCCESS)
-        }
+        Task::Test {
+            kernels,
+            cargo_test_args,
+        } => checks::test(&cargo_test_args, kernels).map(|()| ExitCode::SUCCESS),
         Task::Lint => checks::lint().map(|()| ExitCode::SUCCESS),
         Task::Bench {
             trials,
@@ -151,6 +157,13 @@ fn main() -> ExitCode {
             paths,
             timeout: std::time::Duration::from_secs(timeout_min * 60),
             memory_mib,
+        })
+        .map(|ok| {
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }),
     };
     result.unwrap_or_else(|err| {

@@ -20,7 +20,7 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::unix::fs::symlink,
     path::{Path, PathBuf},
-    process::{Command, ExitCode, Stdio},
+    process::{Command, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -98,8 +98,31 @@ pub enum Kernel {
     V6_12,
 }
 
+/// A kernel named on `cargo xtask test --kernels`, or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelChoice {
+    #[value(name = "6.1")]
+    V6_1,
+    #[value(name = "6.12")]
+    V6_12,
+    /// No kernel matrix.
+    None,
+}
+
+impl KernelChoice {
+    pub fn kernel(self) -> Option<Kernel> {
+        match self {
+            KernelChoice::V6_1 => Some(Kernel::V6_1),
+            KernelChoice::V6_12 => Some(Kernel::V6_12),
+            KernelChoice::None => None,
+        }
+    }
+}
+
 impl Kernel {
-    fn name(self) -> &'static str {
+    pub const ALL: [Kernel; 2] = [Kernel::V6_1, Kernel::V6_12];
+
+    pub fn name(self) -> &'static str {
         match self {
             Kernel::V6_1 => "6.1",
             Kernel::V6_12 => "6.12",
@@ -214,7 +237,8 @@ pub struct VmOptions {
     pub memory_mib: u32,
 }
 
-pub fn vm(opts: VmOptions) -> Result<ExitCode> {
+/// Runs the scenarios on one kernel; `Ok(false)` when any scenario failed.
+pub fn vm(opts: VmOptions) -> Result<bool> {
     if !is_root() {
         bail!(
             "`cargo xtask vm` needs root (debootstrap, and a root disk whose files root owns): run it as root"
@@ -265,11 +289,7 @@ pub fn vm(opts: VmOptions) -> Result<ExitCode> {
         results.display(),
         serial_log.display()
     );
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(ok)
 }
 
 fn install_host_tools() -> Result<()> {
