@@ -27,7 +27,7 @@ use crate::{
     config::Settings,
     detector::Source,
     heartbeat::Heartbeat,
-    kernel::{KernelEvent, KernelExit, KernelSensors, PendingSnapshot, SensorState},
+    kernel::{KernelEvent, KernelExit, KernelSensors, PendingSnapshot, ProgramCost, SensorState},
     pidfd::PidExitWatch,
     sockdiag::{self, PendingTracker},
     status::{HeartbeatRecord, ProgramRecord, SensorStatus, Sensors as SensorsRecord},
@@ -55,6 +55,8 @@ pub struct Sensors {
     heartbeat: Option<Heartbeat>,
     heartbeat_interval: Duration,
     record: SensorsRecord,
+    /// The programs' statistics as last read (reading them costs a syscall per program).
+    costs: Vec<ProgramCost>,
 }
 
 impl Sensors {
@@ -75,6 +77,7 @@ impl Sensors {
             heartbeat: None,
             heartbeat_interval: settings.heartbeat_interval,
             record: record.clone(),
+            costs: Vec::new(),
         };
         if settings.no_ebpf {
             return sensors;
@@ -84,6 +87,7 @@ impl Sensors {
         } else {
             KernelSensors::load(events).map_err(|e| e.to_string())
         };
+        release_freed_heap();
         let (exit, cause, queue) = match &kernel {
             Ok(k) => {
                 let s = k.states();
@@ -186,6 +190,12 @@ impl Sensors {
     }
 
     /// Samples the accept queue of every listener; the worst one speaks for all.
+    /// Whether any sensor watches the accept queue (else [`Sensors::sample_pending`] is
+    /// always `None`).
+    pub fn watches_queue(&self) -> bool {
+        !matches!(self.queue, QueueWatch::Off)
+    }
+
     pub fn sample_pending(&mut self, now: Instant) -> Option<(PendingSnapshot, Source)> {
         let mut worst: Option<PendingSnapshot> = None;
         let mut merge = |s: PendingSnapshot| {
@@ -242,11 +252,15 @@ impl Sensors {
         worst.map(|w| (w, source))
     }
 
-    /// The sensors' part of the status document, with fresh program costs.
-    pub fn record(&self) -> SensorsRecord {
+    /// The sensors' part of the status document; the programs' statistics are read afresh
+    /// when `fresh_costs` says so, else the last ones are repeated.
+    pub fn record(&mut self, fresh_costs: bool) -> SensorsRecord {
         let mut record = self.record.clone();
         if let Some(kernel) = &self.kernel {
-            for cost in kernel.costs() {
+            if fresh_costs {
+                self.costs = kernel.costs();
+            }
+            for cost in &self.costs {
                 let program = ProgramRecord {
                     name: cost.program,
                     run_count: cost.run_count,
@@ -364,5 +378,16 @@ fn off(hook: &str, reason: &str) -> SensorStatus {
         reason: Some(reason.to_owned()),
         notes: Vec::new(),
         programs: Vec::new(),
+    }
+}
+
+/// Hands the heap freed after loading (the parsed kernel BTF, some 20 MB) back to the kernel.
+/// glibc keeps freed memory for later allocations otherwise, and the agent's steady resident
+/// set would carry the load's peak for ever.
+fn release_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions; it only returns free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

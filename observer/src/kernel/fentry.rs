@@ -85,7 +85,7 @@ pub fn attach_process_exit(ebpf: &mut Ebpf, kernel_btf: &aya::Btf) -> Result<Str
 pub fn attach_accept_queue(
     ebpf: &mut Ebpf,
     kernel_btf: &aya::Btf,
-    btf: &Btf,
+    accept_signature: &str,
 ) -> Result<String, String> {
     let attached = (|| {
         let accept: &mut FExit = program(ebpf, ACCEPT_EXIT_PROGRAM)?;
@@ -124,14 +124,13 @@ pub fn attach_accept_queue(
         return Err(e);
     }
     Ok(format!(
-        "fentry/fexit unix_stream_connect (connect), fexit unix_accept{} (accepted)",
-        accept_signature(btf)
+        "fentry/fexit unix_stream_connect (connect), fexit unix_accept{accept_signature} (accepted)"
     ))
 }
 
 /// `unix_accept` changed its arguments in 6.10; the programs read only the first two, which
 /// did not move, but the status says which one this kernel has.
-fn accept_signature(btf: &Btf) -> &'static str {
+pub fn accept_signature(btf: &Btf) -> &'static str {
     if btf.member_offset("proto_accept_arg", &["flags"]).is_ok() {
         " (sock, newsock, struct proto_accept_arg *)"
     } else {

@@ -195,10 +195,18 @@ impl KernelSensors {
             Some(reason) => (Err(reason.clone()), Err(reason)),
             None => fentry::fill_layout(&mut layout, btf.as_ref().map_err(Clone::clone)),
         };
-        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"));
+        let accept_signature = btf.as_ref().map_or("", fentry::accept_signature);
         debug!(?layout, "kernel layout");
-
-        let mut ebpf = EbpfLoader::new()
+        // Every offset is in `layout` now. The kernel's BTF (5 to 6 MB) is parsed once more,
+        // by aya, to load the programs; at most one parsed copy is alive at any time, which
+        // is what sets the agent's peak memory.
+        drop(btf);
+        let mut loader = EbpfLoader::new();
+        // `new()` has parsed a copy of its own that the fast path cannot borrow: drop it.
+        loader.btf(None);
+        let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"));
+        let mut ebpf = loader
+            .btf(kernel_btf.as_ref().ok())
             .override_global(LAYOUT_GLOBAL, &layout, true)
             .load(PROGRAMS)?;
         // Messages from the kernel programs join the agent's log stream. The logger must be
@@ -295,7 +303,7 @@ impl KernelSensors {
             fentry::attach_accept_queue(
                 &mut ebpf,
                 kernel_btf.as_ref().map_err(Clone::clone)?,
-                btf.as_ref().map_err(Clone::clone)?,
+                accept_signature,
             )
         });
         let mut queue_notes = Vec::new();
