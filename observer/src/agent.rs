@@ -29,8 +29,8 @@ use crate::{
     sensors::Sensors,
     status::{
         self, ActionRecord, BudgetRecord, Endpoint, ExitRecord, LatencyRecord, ObserverRecord,
-        PendingRecord, ProbeRecord, RestartRecord, StatusDocument, VerdictRecord, WallClock,
-        millis, push_action, push_bounded,
+        PendingRecord, ProbeRecord, RefreshRequest, RestartRecord, StatusDocument, VerdictRecord,
+        WallClock, millis, push_action, push_bounded,
     },
     systemd::{Systemd, UnitStatus},
 };
@@ -42,8 +42,16 @@ struct ActionResult {
     restart: Option<RestartOutcome>,
 }
 
-/// How often the accept queue is sampled.
+/// How often the accept queue is sampled while a connection waits in it.
 const PENDING_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+/// How often it is sampled while it was empty at the last sample. A connection that starts
+/// waiting is then seen at most this old, well before it matters (the detector's
+/// `confirm_after`, 500 ms by default); sampling every 100 ms only while something waits is
+/// most of what the agent saves at rest.
+const IDLE_PENDING_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the unit is read from systemd while its change signals are followed (without
+/// them: every probe interval).
+const UNIT_REREAD_INTERVAL: Duration = Duration::from_secs(10);
 /// Window of the accept-latency percentiles.
 const LATENCY_WINDOW: Duration = Duration::from_secs(60);
 /// Recent signals kept to name an exit's cause.
@@ -80,7 +88,7 @@ pub async fn run(
     let systemd = Systemd::connect(&settings.bus, &settings.unit).await?;
 
     let (kernel_tx, mut kernel_rx) = mpsc::channel::<KernelEvent>(256);
-    let sensors = Sensors::start(&settings, kernel_tx);
+    let mut sensors = Sensors::start(&settings, kernel_tx);
     health.sensors_started();
     let mode = if settings.no_ebpf {
         "polling_only"
@@ -103,7 +111,7 @@ pub async fn run(
         containerd_version: None,
         mode,
         dry_run: settings.dry_run,
-        sensors: sensors.record(),
+        sensors: sensors.record(true),
         last_probe: None,
         pending_connections: PendingRecord::default(),
         accept_latency: None,
@@ -121,10 +129,12 @@ pub async fn run(
         },
         paused: false,
     });
+    let (refresh_tx, mut refresh_rx) = mpsc::channel::<RefreshRequest>(16);
     let endpoint = Endpoint {
         status: status_rx,
         health: health.clone(),
         metrics: metrics.clone(),
+        refresh: refresh_tx,
     };
     let server = tokio::spawn(endpoint.serve(listener, unix_listener));
     crate::kubernetes::spawn(status_tx.subscribe());
@@ -159,6 +169,7 @@ pub async fn run(
             ..ActuatorConfig::default()
         },
         deferred: None,
+        unit_read_at: Instant::now(),
     };
     agent.refresh_unit().await;
     // systemd tells us at once when the unit changes (a new main PID after a restart by
@@ -177,8 +188,8 @@ pub async fn run(
     let (restart_tx, mut restart_rx) = mpsc::channel::<ActionResult>(1);
     let mut probe_timer = tokio::time::interval(settings.probe_interval);
     probe_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut pending_timer = tokio::time::interval(PENDING_SAMPLE_INTERVAL);
-    pending_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // `None` when no sensor watches the accept queue (probes only): no sampling at all.
+    let mut next_pending_sample = agent.sensors.watches_queue().then(Instant::now);
     let mut status_timer = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(shutdown);
     // The state last told to systemd; `None` until READY=1 was sent.
@@ -192,9 +203,22 @@ pub async fn run(
                 health.probe_finished();
                 agent.on_probe(result)
             }
-            _ = pending_timer.tick() => agent.sample_pending(),
+            _ = sleep_until_or_never(next_pending_sample) => {
+                let (decision, waiting) = agent.sample_pending();
+                let interval = if waiting {
+                    PENDING_SAMPLE_INTERVAL
+                } else {
+                    IDLE_PENDING_SAMPLE_INTERVAL
+                };
+                next_pending_sample = Some(Instant::now() + interval);
+                decision
+            }
             _ = probe_timer.tick() => {
-                agent.refresh_unit().await;
+                // systemd's signals bring every change of the unit; reading it now and then
+                // anyway covers a signal lost on the bus.
+                if unit_changes.is_none() || agent.unit_read_at.elapsed() >= UNIT_REREAD_INTERVAL {
+                    agent.refresh_unit().await;
+                }
                 Decision::ProbeNow
             }
             Some(result) = restart_rx.recv() => {
@@ -207,11 +231,20 @@ pub async fn run(
                 agent.refresh_unit().await;
                 Decision::Wait
             }
-            _ = deferred_until(agent.deferred.as_ref().map(|(_, at)| *at)) => {
+            _ = sleep_until_or_never(agent.deferred.as_ref().map(|(_, at)| *at)) => {
                 agent.retry_deferred()
             }
             _ = status_timer.tick() => {
-                agent.publish_sensors();
+                agent.publish_sensors(false);
+                Decision::Wait
+            }
+            Some(request) = refresh_rx.recv() => {
+                agent.publish_sensors(true);
+                let _ = request.send(());
+                // Requests that came meanwhile are answered by the same read.
+                while let Ok(request) = refresh_rx.try_recv() {
+                    let _ = request.send(());
+                }
                 Decision::Wait
             }
         };
@@ -273,7 +306,7 @@ async fn next_change(
 }
 
 /// Resolves at `at`, or never.
-async fn deferred_until(at: Option<Instant>) {
+async fn sleep_until_or_never(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
@@ -298,11 +331,14 @@ struct Agent<'a> {
     actuator: ActuatorConfig,
     /// A verdict whose restart waits for the budget, and when to try again.
     deferred: Option<(Verdict, Instant)>,
+    /// When the unit was last read from systemd.
+    unit_read_at: Instant,
 }
 
 impl Agent<'_> {
     /// Reads the unit's main PID from systemd and moves the sensors to it.
     async fn refresh_unit(&mut self) {
+        self.unit_read_at = Instant::now();
         let status = match tokio::time::timeout(Duration::from_secs(2), self.systemd.status()).await
         {
             Ok(Ok(s)) => s,
@@ -471,11 +507,13 @@ impl Agent<'_> {
         )
     }
 
-    fn sample_pending(&mut self) -> Decision {
+    /// Samples the accept queue; also says whether any connection waits in it.
+    fn sample_pending(&mut self) -> (Decision, bool) {
         let now = Instant::now();
         let Some((snapshot, source)) = self.sensors.sample_pending(now) else {
-            return Decision::Wait;
+            return (Decision::Wait, false);
         };
+        let waiting = snapshot.count > 0;
         let record = PendingRecord {
             count: snapshot.count,
             oldest_age_ms: snapshot.oldest_age.map(millis),
@@ -483,14 +521,15 @@ impl Agent<'_> {
         };
         self.status.send_modify(|d| d.pending_connections = record);
         self.metrics.pending(snapshot.count, snapshot.oldest_age);
-        self.detector.observe(
+        let decision = self.detector.observe(
             now,
             Observation::Pending {
                 count: snapshot.count,
                 oldest_age: snapshot.oldest_age,
                 sensor: source,
             },
-        )
+        );
+        (decision, waiting)
     }
 
     /// Records an action in the document, the metrics and the log, one line each.
@@ -722,7 +761,9 @@ impl Agent<'_> {
     }
 
     /// Refreshes the slowly changing parts: sensor costs, heartbeat counts, latency window.
-    fn publish_sensors(&mut self) {
+    /// Copies the sensors' state into the document; `fresh_costs` reads the programs'
+    /// statistics again (see [`Endpoint::refresh`]).
+    fn publish_sensors(&mut self, fresh_costs: bool) {
         self.publish_budget();
         let paused = self.settings.pause_file.exists();
         self.status.send_if_modified(|d| {
@@ -730,7 +771,7 @@ impl Agent<'_> {
             d.paused = paused;
             changed
         });
-        let sensors = self.sensors.record();
+        let sensors = self.sensors.record(fresh_costs);
         let heartbeat = self.sensors.heartbeat();
         let latency = self.latency.summary(Instant::now()).map(|s| LatencyRecord {
             window_s: self.latency.window().as_secs_f64(),

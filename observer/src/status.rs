@@ -19,7 +19,7 @@ use axum::{
     routing::get,
 };
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     config::StatusTarget,
@@ -300,7 +300,18 @@ pub struct Endpoint {
     pub status: watch::Receiver<StatusDocument>,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
+    /// Asks the agent's loop to read the programs' statistics into the document; the loop
+    /// answers once it has. They are read only when someone asks: each read is a syscall per
+    /// program, and nobody needs them every second.
+    pub refresh: mpsc::Sender<RefreshRequest>,
 }
+
+/// A request for fresh program statistics, answered when the document has them.
+pub type RefreshRequest = oneshot::Sender<()>;
+
+/// How long `/status` waits for fresh program statistics before it serves the document as
+/// it is (a stuck agent loop must not make `/status` hang: `/livez` reports that).
+const REFRESH_WAIT: Duration = Duration::from_millis(250);
 
 impl Endpoint {
     fn router(self) -> Router {
@@ -362,6 +373,10 @@ pub fn bind_unix(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
 }
 
 async fn get_status(AxumState(endpoint): AxumState<Endpoint>) -> Json<StatusDocument> {
+    let (done, answered) = oneshot::channel();
+    if endpoint.refresh.try_send(done).is_ok() {
+        let _ = tokio::time::timeout(REFRESH_WAIT, answered).await;
+    }
     Json(endpoint.status.borrow().clone())
 }
 
