@@ -47,6 +47,11 @@ pub const OOM_PROGRAM: &str = "oom_mark_victim";
 pub const CONNECT_PROGRAM: &str = "connect_queued";
 /// Program on `skb/consume_skb`: containerd took a queued connection off the listener.
 pub const ACCEPT_PROGRAM: &str = "accept_consumed";
+/// `connect_queued` on the BTF-typed (raw) tracepoint `tp_btf/sk_data_ready`: no trace
+/// record is built for it, which is most of a classic tracepoint's cost.
+pub const CONNECT_BTF_PROGRAM: &str = "connect_queued_btf";
+/// `accept_consumed` on `tp_btf/consume_skb`.
+pub const ACCEPT_BTF_PROGRAM: &str = "accept_consumed_btf";
 
 /// Fast path, program on `tp_btf/sched_process_exit`: a watched process exited (BTF-typed
 /// task argument, whole-process exit from `signal_struct.live`).
@@ -124,8 +129,9 @@ pub struct Layout {
     /// Fast path: `unix_sock.path` + `path.dentry`: the socket file a connection was made
     /// to, which names its listener; or [`NO_OFFSET`].
     pub unix_path_dentry: u32,
-    /// Zero; keeps the struct free of implicit padding.
-    pub _reserved2: u32,
+    /// `sock.__sk_common.skc_family`, for the BTF-typed `sk_data_ready` program, which has
+    /// no record with the family in it; or [`NO_OFFSET`].
+    pub sock_family: u32,
 }
 
 impl Layout {
@@ -149,7 +155,7 @@ impl Layout {
         socket_sk: NO_OFFSET,
         unix_peer: NO_OFFSET,
         unix_path_dentry: NO_OFFSET,
-        _reserved2: 0,
+        sock_family: NO_OFFSET,
     };
 }
 

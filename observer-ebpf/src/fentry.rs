@@ -18,12 +18,13 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, FEntryContext, FExitContext},
 };
 use observer_common::{
-    AcceptEvent, EXIT_CODE_UNKNOWN, IN_FLIGHT, Layout, MAX_LISTENERS, NO_OFFSET, PendingConnection,
-    counter, listener_index,
+    AF_UNIX, AcceptEvent, EXIT_CODE_UNKNOWN, IN_FLIGHT, Layout, MAX_LISTENERS, NO_OFFSET,
+    PendingConnection, counter, listener_index,
 };
 
 use crate::{
-    ACCEPT_EVENTS, LEARN, LISTENERS, PENDING, count, current_tgid, is_watched, layout, report_exit,
+    ACCEPT_EVENTS, LEARN, LISTENERS, PENDING, count, current_tgid, is_watched, layout,
+    on_accept_consumed, on_connect_queued, report_exit,
 };
 
 /// Reads a `T` at `offset` bytes into the kernel object at `base`, if the offset is known.
@@ -59,6 +60,29 @@ pub fn process_exit_btf(ctx: BtfTracePointContext) -> u32 {
     }
     let exit_code = read_at::<u32>(task, layout.task_exit_code).unwrap_or(EXIT_CODE_UNKNOWN);
     report_exit(&ctx, tgid, pid_tgid as u32, exit_code);
+    0
+}
+
+/// `connect_queued` on the BTF-typed tracepoint: the woken socket is the first argument,
+/// and no trace record is built before the program runs.
+#[btf_tracepoint(function = "sk_data_ready")]
+pub fn connect_queued_btf(ctx: BtfTracePointContext) -> u32 {
+    let layout = layout();
+    let sk: u64 = ctx.arg(0);
+    on_connect_queued(sk, &layout, || {
+        read_at::<u16>(sk, layout.sock_family) == Some(AF_UNIX)
+    });
+    0
+}
+
+/// `accept_consumed` on the BTF-typed tracepoint: the skb is the first argument (also
+/// since 6.3, when a second one, the drop location, came after it).
+#[btf_tracepoint(function = "consume_skb")]
+pub fn accept_consumed_btf(ctx: BtfTracePointContext) -> u32 {
+    if !is_watched(current_tgid()) {
+        return 0;
+    }
+    on_accept_consumed(ctx.arg(0));
     0
 }
 

@@ -6,7 +6,8 @@
 //! - `signal_generate` (`signal/signal_generate`) and `oom_mark_victim` (`oom/mark_victim`):
 //!   who is ending it.
 //! - `connect_queued` (`sock/sk_data_ready`) and `accept_consumed` (`skb/consume_skb`): when
-//!   a connection is queued on containerd's listening socket and when containerd takes it.
+//!   a connection is queued on containerd's listening socket and when containerd takes it;
+//!   `fentry.rs` has the same two on BTF-typed tracepoints, cheaper where they load.
 //!
 //! Each runs on every matching event of the whole node, so each rejects foreign events with
 //! one comparison or lookup before anything else, and none logs on those paths.
@@ -296,6 +297,15 @@ pub fn connect_queued(ctx: TracePointContext) -> u32 {
     let Some(sk) = read::<u64>(&ctx, layout.data_ready_skaddr) else {
         return 0;
     };
+    on_connect_queued(sk, &layout, || true);
+    0
+}
+
+/// What `connect_queued` and its BTF-typed twin do with the woken socket `sk`.
+/// `is_unix` is asked only before `sk` is learned as a listener: a socket woken in the
+/// heartbeat thread's context by a softirq (TCP, say) must not be taken for one.
+#[inline(always)]
+pub(crate) fn on_connect_queued(sk: u64, layout: &Layout, is_unix: impl Fn() -> bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // The agent's heartbeat thread teaches us the listener's address: the one socket woken
     // while that thread connects to a configured path is that path's listener.
@@ -303,6 +313,7 @@ pub fn connect_queued(ctx: TracePointContext) -> u32 {
         && learn.tid != 0
         && learn.tid == pid_tgid as u32
         && learn.listener_index < MAX_LISTENERS
+        && is_unix()
         && let Some(slot) = LISTENERS.get_ptr_mut(learn.listener_index)
     {
         // SAFETY: array slot owned by this map; a racing writer can only store another
@@ -316,21 +327,21 @@ pub fn connect_queued(ctx: TracePointContext) -> u32 {
         i += 1;
     }
     let Some(index) = listener_index(&listeners, sk) else {
-        return 0;
+        return;
     };
     if layout.sock_receive_queue_tail == NO_OFFSET {
-        return 0;
+        return;
     }
     let tail = (sk as *const u8).wrapping_add(layout.sock_receive_queue_tail as usize);
     // SAFETY: offset of sock.sk_receive_queue.prev from this kernel's BTF.
     let Ok(skb) = (unsafe { bpf_probe_read_kernel(tail.cast::<u64>()) }) else {
-        return 0;
+        return;
     };
     // An empty queue's `prev` points back at the queue head: containerd took the connection
     // before we looked, so there is nothing pending to record.
     let head = sk.wrapping_add(layout.sock_receive_queue_head as u64);
     if skb == 0 || layout.sock_receive_queue_head == NO_OFFSET || skb == head {
-        return 0;
+        return;
     }
     let pending = PendingConnection {
         queued_ns: unsafe { bpf_ktime_get_ns() },
@@ -341,7 +352,6 @@ pub fn connect_queued(ctx: TracePointContext) -> u32 {
     if PENDING.insert(&skb, &pending, 0).is_err() {
         count(counter::PENDING_FULL);
     }
-    0
 }
 
 /// containerd consumed an skb: if it is a queued connection we recorded, `unix_accept` just
@@ -354,9 +364,16 @@ pub fn accept_consumed(ctx: TracePointContext) -> u32 {
     let Some(skb) = read::<u64>(&ctx, layout().consume_skbaddr) else {
         return 0;
     };
+    on_accept_consumed(skb);
+    0
+}
+
+/// What `accept_consumed` and its BTF-typed twin do with an skb a watched process freed.
+#[inline(always)]
+pub(crate) fn on_accept_consumed(skb: u64) {
     // SAFETY: the entry is copied out before it is removed.
     let Some(pending) = (unsafe { PENDING.get(&skb) }).copied() else {
-        return 0;
+        return;
     };
     let _ = PENDING.remove(&skb);
     match ACCEPT_EVENTS.reserve::<AcceptEvent>(0) {
@@ -371,7 +388,6 @@ pub fn accept_consumed(ctx: TracePointContext) -> u32 {
         }
         None => count(counter::RING_FULL),
     }
-    0
 }
 
 #[cfg(not(test))]

@@ -12,8 +12,8 @@ use aya::{
     programs::{BtfTracePoint, FEntry, FExit, Program, ProgramError},
 };
 use observer_common::{
-    ACCEPT_EXIT_PROGRAM, CONNECT_ENTRY_PROGRAM, CONNECT_EXIT_PROGRAM, Layout,
-    PROCESS_EXIT_BTF_PROGRAM,
+    ACCEPT_BTF_PROGRAM, ACCEPT_EXIT_PROGRAM, CONNECT_BTF_PROGRAM, CONNECT_ENTRY_PROGRAM,
+    CONNECT_EXIT_PROGRAM, Layout, PROCESS_EXIT_BTF_PROGRAM,
 };
 
 use crate::btf::Btf;
@@ -128,6 +128,36 @@ pub fn attach_accept_queue(
     ))
 }
 
+/// Loads and attaches the accept-queue programs on BTF-typed tracepoints (`sk_data_ready`,
+/// 6.6+, and `consume_skb`), accept first as in [`attach_accept_queue`]; on any failure both
+/// are unloaded again and the classic tracepoints stand in. Returns the hooks' description.
+pub fn attach_accept_queue_btf(ebpf: &mut Ebpf, kernel_btf: &aya::Btf) -> Result<String, String> {
+    let attached = (|| {
+        for (name, hook) in [
+            (ACCEPT_BTF_PROGRAM, "consume_skb"),
+            (CONNECT_BTF_PROGRAM, "sk_data_ready"),
+        ] {
+            let program: &mut BtfTracePoint = program(ebpf, name)?;
+            program
+                .load(hook, kernel_btf)
+                .map_err(|e| refused(name, e))?;
+            program
+                .attach()
+                .map_err(|e| format!("cannot attach {name} to tp_btf {hook}: {e}"))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = attached {
+        for name in [CONNECT_BTF_PROGRAM, ACCEPT_BTF_PROGRAM] {
+            if let Some(program) = ebpf.program_mut(name) {
+                let _ = unload(program);
+            }
+        }
+        return Err(e);
+    }
+    Ok("tp_btf sk_data_ready (connect queued), tp_btf consume_skb (accepted)".into())
+}
+
 /// `unix_accept` changed its arguments in 6.10; the programs read only the first two, which
 /// did not move, but the status says which one this kernel has.
 pub fn accept_signature(btf: &Btf) -> &'static str {
@@ -152,6 +182,7 @@ fn unload(program: &mut Program) -> Result<(), ProgramError> {
     match program {
         Program::FEntry(p) => p.unload(),
         Program::FExit(p) => p.unload(),
+        Program::BtfTracePoint(p) => p.unload(),
         _ => Ok(()),
     }
 }

@@ -133,6 +133,9 @@ pub struct StructOffsets {
     pub task_exit_code: Result<u32, String>,
     pub sock_receive_queue_tail: Result<u32, String>,
     pub sock_receive_queue_head: Result<u32, String>,
+    /// `sock.__sk_common.skc_family`: the BTF-typed `sk_data_ready` program reads the family
+    /// from the socket, having no trace record.
+    pub sock_family: Result<u32, String>,
 }
 
 impl StructOffsets {
@@ -143,7 +146,8 @@ impl StructOffsets {
                 return Self {
                     task_exit_code: Err(e.clone()),
                     sock_receive_queue_head: Err(e.clone()),
-                    sock_receive_queue_tail: Err(e),
+                    sock_receive_queue_tail: Err(e.clone()),
+                    sock_family: Err(e),
                 };
             }
         };
@@ -159,10 +163,14 @@ impl StructOffsets {
                     .member_offset("sk_buff_head", &["prev"])
                     .map_err(|e| e.to_string())?)
         });
+        let sock_family = btf
+            .member_offset("sock", &["__sk_common", "skc_family"])
+            .map_err(|e| e.to_string());
         Self {
             task_exit_code,
             sock_receive_queue_head,
             sock_receive_queue_tail,
+            sock_family,
         }
     }
 }
@@ -183,6 +191,7 @@ pub fn build(formats: &Formats, offsets: &StructOffsets) -> Layout {
         consume_skbaddr: or_none(formats.consume_skb.offset("skbaddr", 8)),
         sock_receive_queue_tail: or_none(offsets.sock_receive_queue_tail.clone().ok()),
         sock_receive_queue_head: or_none(offsets.sock_receive_queue_head.clone().ok()),
+        sock_family: or_none(offsets.sock_family.clone().ok()),
         reported_signals: FATAL_SIGNALS,
         // The fast path's offsets: filled in by `kernel::fentry` when it is tried.
         ..Layout::UNKNOWN
@@ -280,5 +289,23 @@ print fmt: \"comm=%s pid=%d prio=%d group_dead=%s\", REC->comm, REC->pid, REC->p
         let tp = Tracepoint::read("no_such_category", "no_such_event");
         let err = tp.require("pid", 4).unwrap_err();
         assert!(err.contains("tracefs"), "{err}");
+    }
+
+    /// Needs the running kernel's BTF (`/sys/kernel/btf/vmlinux`, readable without root).
+    #[test]
+    fn this_kernels_btf_has_the_socket_offsets_the_programs_read() {
+        let btf = match Btf::from_sys_fs() {
+            Ok(btf) => btf,
+            Err(e) => {
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        let offsets = StructOffsets::from_btf(Ok(&btf));
+        // `__sk_common` opens `struct sock`, and the family is among its first members.
+        let family = offsets.sock_family.unwrap();
+        assert!(family > 0 && family < 64, "skc_family at {family}");
+        let head = offsets.sock_receive_queue_head.unwrap();
+        assert_eq!(offsets.sock_receive_queue_tail.unwrap(), head + 8);
     }
 }

@@ -317,32 +317,55 @@ impl KernelSensors {
                 (hook, fentry::path::FENTRY, Ok(()))
             }
             Err(e) => {
-                queue_notes.push(format!("tracepoint path: {e}"));
-                let connect = attach(
-                    &mut ebpf,
-                    CONNECT_PROGRAM,
-                    &formats.sk_data_ready,
-                    &[
-                        formats.sk_data_ready.require("skaddr", 8),
-                        formats.sk_data_ready.require("family", 2),
-                        offsets.sock_receive_queue_tail.clone(),
-                    ],
-                );
-                let accept = match &connect {
-                    Ok(()) => attach(
-                        &mut ebpf,
-                        ACCEPT_PROGRAM,
-                        &formats.consume_skb,
-                        &[formats.consume_skb.require("skbaddr", 8)],
-                    ),
-                    Err(e) => Err(e.clone()),
+                queue_notes.push(format!("not on fentry: {e}"));
+                // BTF-typed tracepoints next: the same programs without a trace record built
+                // for every unix wake-up and freed skb on the node.
+                let typed = match fentry::disabled() {
+                    Some(reason) => Err(reason),
+                    None => offsets
+                        .sock_receive_queue_tail
+                        .clone()
+                        .and(offsets.sock_family.clone())
+                        .and_then(|_| kernel_btf.as_ref().map_err(Clone::clone))
+                        .and_then(|btf| fentry::attach_accept_queue_btf(&mut ebpf, btf)),
                 };
-                (
-                    "tracepoints sock/sk_data_ready (connect queued), skb/consume_skb (accepted)"
-                        .to_owned(),
-                    fentry::path::TRACEPOINT,
-                    accept,
-                )
+                match typed {
+                    Ok(hook) => {
+                        fast_programs.extend([
+                            observer_common::CONNECT_BTF_PROGRAM,
+                            observer_common::ACCEPT_BTF_PROGRAM,
+                        ]);
+                        (hook, fentry::path::TP_BTF, Ok(()))
+                    }
+                    Err(e) => {
+                        queue_notes.push(format!("not on tp_btf: {e}"));
+                        let connect = attach(
+                            &mut ebpf,
+                            CONNECT_PROGRAM,
+                            &formats.sk_data_ready,
+                            &[
+                                formats.sk_data_ready.require("skaddr", 8),
+                                formats.sk_data_ready.require("family", 2),
+                                offsets.sock_receive_queue_tail.clone(),
+                            ],
+                        );
+                        let accept = match &connect {
+                            Ok(()) => attach(
+                                &mut ebpf,
+                                ACCEPT_PROGRAM,
+                                &formats.consume_skb,
+                                &[formats.consume_skb.require("skbaddr", 8)],
+                            ),
+                            Err(e) => Err(e.clone()),
+                        };
+                        (
+                            "tracepoints sock/sk_data_ready (connect queued), skb/consume_skb (accepted)"
+                                .to_owned(),
+                            fentry::path::TRACEPOINT,
+                            accept,
+                        )
+                    }
+                }
             }
         };
 
