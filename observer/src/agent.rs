@@ -137,7 +137,7 @@ pub async fn run(
         refresh: refresh_tx,
     };
     let server = tokio::spawn(endpoint.serve(listener, unix_listener));
-    crate::kubernetes::spawn(status_tx.subscribe());
+    crate::kubernetes::spawn(status_tx.subscribe(), settings.no_kubernetes);
     info!(
         status = %format!("http://{}/status", settings.status_listen),
         status_socket = ?settings.status_socket,

@@ -150,6 +150,9 @@ pub struct RunArgs {
     /// agent falls back to them by itself when eBPF is unavailable.
     #[arg(long, env = "OBSERVER_FALLBACK_SENSORS", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", value_parser = BoolishValueParser::new())]
     pub fallback_sensors: Option<bool>,
+    /// Never report to the Kubernetes API (node condition, events), even in a cluster.
+    #[arg(long, env = "OBSERVER_NO_KUBERNETES", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", value_parser = BoolishValueParser::new())]
+    pub no_kubernetes: Option<bool>,
     /// Decide and record, but never restart anything.
     #[arg(long, env = "OBSERVER_DRY_RUN", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", value_parser = BoolishValueParser::new())]
     pub dry_run: Option<bool>,
@@ -357,6 +360,7 @@ struct FileConfig {
     stall_threshold: Option<Spanned<HumanDuration>>,
     no_ebpf: Option<Spanned<bool>>,
     fallback_sensors: Option<Spanned<bool>>,
+    no_kubernetes: Option<Spanned<bool>>,
     pause_file: Option<Spanned<PathBuf>>,
     kill_grace: Option<Spanned<HumanDuration>>,
     failures_to_hang: Option<Spanned<u32>>,
@@ -385,6 +389,7 @@ pub struct Settings {
     pub stall_threshold: Duration,
     pub no_ebpf: bool,
     pub fallback_sensors: bool,
+    pub no_kubernetes: bool,
     pub dry_run: bool,
     pub pause_file: PathBuf,
     pub kill_grace: Duration,
@@ -663,6 +668,14 @@ impl Settings {
             .value,
             no_ebpf: no_ebpf.value,
             fallback_sensors: fallback_sensors.value,
+            no_kubernetes: at
+                .pick(
+                    "no-kubernetes",
+                    args.no_kubernetes,
+                    file.no_kubernetes,
+                    || false,
+                )
+                .value,
             dry_run: at
                 .pick("dry-run", args.dry_run, file.dry_run, || false)
                 .value,
@@ -798,7 +811,9 @@ mod tests {
         assert_eq!(s.stall_threshold, Duration::from_secs(1));
         assert_eq!(s.pause_file, PathBuf::from(DEFAULT_PAUSE_FILE));
         assert_eq!(s.kill_grace, Duration::from_secs(10));
-        assert!(!s.no_ebpf && !s.fallback_sensors && !s.dry_run && s.dump_stacks);
+        assert!(
+            !s.no_ebpf && !s.fallback_sensors && !s.dry_run && s.dump_stacks && !s.no_kubernetes
+        );
         assert_eq!(s.log_format, LogFormat::Text);
         assert_eq!(s.log_level, LogLevel("info".into()));
     }
@@ -819,6 +834,7 @@ heartbeat-interval = "100ms"
 stall-threshold = "3s"
 no-ebpf = false
 fallback-sensors = true
+no-kubernetes = true
 pause-file = "/run/x/pause"
 kill-grace = "20s"
 no-stack-dump = true
@@ -847,6 +863,7 @@ max-restarts = 2
         assert_eq!(s.heartbeat_interval, Duration::from_millis(100));
         assert_eq!(s.stall_threshold, Duration::from_secs(3));
         assert!(!s.no_ebpf && s.fallback_sensors && s.dry_run && !s.dump_stacks);
+        assert!(s.no_kubernetes);
         assert_eq!(s.pause_file, PathBuf::from("/run/x/pause"));
         assert_eq!(s.kill_grace, Duration::from_secs(20));
         assert_eq!(s.log_format, LogFormat::Json);

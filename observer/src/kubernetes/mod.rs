@@ -3,7 +3,7 @@
 //!
 //! It is on when the agent runs in a cluster: `NODE_NAME` (from the downward API) and
 //! in-cluster credentials (`KUBERNETES_SERVICE_HOST` and the service account's token) are
-//! there; `OBSERVER_NO_KUBERNETES=true` turns it off. It follows the status document through
+//! there; `--no-kubernetes` (or `OBSERVER_NO_KUBERNETES=true`) turns it off. It follows the status document through
 //! the agent's `watch` channel in a task of its own, so the agent never waits for the API
 //! server: while the API server cannot be reached, the agent goes on protecting the node, and
 //! the reporter keeps the latest condition and a bounded queue of events and retries with
@@ -180,9 +180,14 @@ impl Default for Options {
     }
 }
 
-/// Starts reporting what `status` carries, when the agent runs in a cluster; returns at once.
+/// Starts reporting what `status` carries, when the agent runs in a cluster and `turned_off`
+/// (`--no-kubernetes`) is not set; returns at once.
 /// The reporter stops when the agent drops the document's sender.
-pub fn spawn(status: watch::Receiver<StatusDocument>) {
+pub fn spawn(status: watch::Receiver<StatusDocument>, turned_off: bool) {
+    if turned_off {
+        debug!("not reporting to Kubernetes: no-kubernetes is set");
+        return;
+    }
     let detection = ClusterAccess::detect(|name| std::env::var(name).ok(), Path::exists);
     match detection {
         Detection::Off { why, surprising } => {
