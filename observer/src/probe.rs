@@ -6,6 +6,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -22,16 +23,30 @@ pub struct ProbeResult {
     pub outcome: Result<String, (ProbeFailure, String)>,
 }
 
+/// First and longest pause before connecting again to a socket whose accept backlog is full.
+const BACKLOG_RETRY_FIRST: Duration = Duration::from_millis(5);
+const BACKLOG_RETRY_MAX: Duration = Duration::from_millis(100);
+
 /// Probes containerd's `Version()` on `socket` with a deadline of `timeout`.
 pub async fn probe_version(socket: &Path, timeout: Duration) -> ProbeResult {
     let started = Instant::now();
     let started_wall = std::time::SystemTime::now();
-    let outcome = match tokio::time::timeout(timeout, call_version(socket.to_path_buf())).await {
+    let backlog_full = AtomicU32::new(0);
+    let call = call_version(socket.to_path_buf(), &backlog_full);
+    let outcome = match tokio::time::timeout(timeout, call).await {
         Ok(result) => result,
-        Err(_) => Err((
-            ProbeFailure::Timeout,
-            format!("no answer within {}", humantime::format_duration(timeout)),
-        )),
+        Err(_) => {
+            let full = backlog_full.load(Ordering::Relaxed);
+            let detail = if full > 0 {
+                format!(
+                    "no answer within {}: containerd's accept backlog was full ({full} connect attempt(s) refused with EAGAIN)",
+                    humantime::format_duration(timeout)
+                )
+            } else {
+                format!("no answer within {}", humantime::format_duration(timeout))
+            };
+            Err((ProbeFailure::Timeout, detail))
+        }
     };
     ProbeResult {
         started,
@@ -41,8 +56,28 @@ pub async fn probe_version(socket: &Path, timeout: Duration) -> ProbeResult {
     }
 }
 
-async fn call_version(socket: PathBuf) -> Result<String, (ProbeFailure, String)> {
-    let channel = containerd_client::connect(&socket).await.map_err(|e| {
+/// Connects, asks, and returns the version. A connect refused with `EAGAIN` (the listener's
+/// accept backlog is full: containerd is behind, which is not an answer either way) is tried
+/// again until the caller's deadline, counted in `backlog_full`.
+async fn call_version(
+    socket: PathBuf,
+    backlog_full: &AtomicU32,
+) -> Result<String, (ProbeFailure, String)> {
+    let mut pause = BACKLOG_RETRY_FIRST;
+    let connected = loop {
+        match containerd_client::connect(&socket).await {
+            Err(e)
+                if io_error_in(&e)
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::WouldBlock) =>
+            {
+                backlog_full.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(BACKLOG_RETRY_MAX);
+            }
+            other => break other,
+        }
+    };
+    let channel = connected.map_err(|e| {
         let refused = io_error_in(&e).is_some_and(|io| {
             matches!(
                 io.kind(),
@@ -111,6 +146,52 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         let missing = probe_version(&dir.join("missing.sock"), Duration::from_secs(1)).await;
         assert!(matches!(missing.outcome, Err((ProbeFailure::Refused, _))));
+    }
+
+    /// A listening socket with a backlog of `backlog`, made with libc (std's is 128).
+    fn listener_with_backlog(path: &Path, backlog: i32) -> std::os::unix::net::UnixListener {
+        use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+        // SAFETY: plain socket calls on a descriptor this function owns; the address is a
+        // zeroed sockaddr_un with a path shorter than its buffer.
+        unsafe {
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let mut addr: libc::sockaddr_un = std::mem::zeroed();
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            for (i, b) in path.as_os_str().as_bytes().iter().enumerate() {
+                addr.sun_path[i] = *b as libc::c_char;
+            }
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0);
+            assert_eq!(libc::listen(fd, backlog), 0);
+            std::os::unix::net::UnixListener::from_raw_fd(fd)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_accept_backlog_is_tried_again_until_the_deadline() {
+        let dir = std::env::temp_dir().join(format!("observer-probe-b-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("busy.sock");
+        let _ = std::fs::remove_file(&path);
+        let _listener = listener_with_backlog(&path, 0);
+        // Fill the backlog: further non-blocking connects get EAGAIN.
+        let mut queued = Vec::new();
+        while queued.len() < 8 {
+            match tokio::net::UnixStream::connect(&path).await {
+                Ok(stream) => queued.push(stream),
+                Err(_) => break,
+            }
+        }
+        let result = probe_version(&path, Duration::from_millis(300)).await;
+        match &result.outcome {
+            Err((ProbeFailure::Timeout, detail)) => {
+                assert!(detail.contains("backlog was full"), "{detail}")
+            }
+            other => panic!("expected a timeout on a full backlog, got {other:?}"),
+        }
+        assert!(result.latency >= Duration::from_millis(300));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
