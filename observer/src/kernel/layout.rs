@@ -99,6 +99,15 @@ fn read_format(category: &str, name: &str) -> Result<(PathBuf, String), String> 
             Err(e) => errors.push(format!("{}: {e}", path.display())),
         }
     }
+    // With tracefs mounted but no such event, the kernel simply lacks the tracepoint.
+    if let Some(root) = TRACEFS_ROOTS
+        .iter()
+        .find(|root| Path::new(root).join("events").join("sched").is_dir())
+    {
+        return Err(format!(
+            "this kernel has no tracepoint {category}/{name} (no {root}/events/{category}/{name})"
+        ));
+    }
     Err(format!(
         "cannot read the format of tracepoint {category}/{name} ({}); is tracefs mounted? (mount -t tracefs nodev /sys/kernel/tracing)",
         errors.join("; ")
@@ -285,10 +294,20 @@ print fmt: \"comm=%s pid=%d prio=%d group_dead=%s\", REC->comm, REC->pid, REC->p
     }
 
     #[test]
-    fn missing_tracefs_is_explained() {
+    fn a_missing_tracepoint_or_tracefs_is_explained() {
         let tp = Tracepoint::read("no_such_category", "no_such_event");
         let err = tp.require("pid", 4).unwrap_err();
-        assert!(err.contains("tracefs"), "{err}");
+        let mounted = TRACEFS_ROOTS
+            .iter()
+            .any(|root| Path::new(root).join("events/sched").is_dir());
+        if mounted {
+            assert!(
+                err.contains("this kernel has no tracepoint no_such_category/no_such_event"),
+                "{err}"
+            );
+        } else {
+            assert!(err.contains("is tracefs mounted"), "{err}");
+        }
     }
 
     /// Needs the running kernel's BTF (`/sys/kernel/btf/vmlinux`, readable without root).
