@@ -23,8 +23,8 @@ use observer_common::{
 };
 
 use crate::{
-    ACCEPT_EVENTS, LEARN, LISTENERS, PENDING, count, current_tgid, is_watched, layout,
-    on_accept_consumed, on_connect_queued, report_exit,
+    ACCEPT_EVENTS, LEARN, LISTENERS, PENDING, accept_wakeup, count, current_tgid, is_watched,
+    layout, on_accept_consumed, on_connect_queued, report_exit,
 };
 
 /// Reads a `T` at `offset` bytes into the kernel object at `base`, if the offset is known.
@@ -195,7 +195,7 @@ pub fn accept_exit(ctx: FExitContext) -> u32 {
                 listener_index: index,
                 client_tgid: pending.client_tgid,
             });
-            entry.submit(0);
+            entry.submit(accept_wakeup());
         }
         None => count(counter::RING_FULL),
     }

@@ -384,9 +384,29 @@ pub(crate) fn on_accept_consumed(skb: u64) {
                 listener_index: pending.listener_index,
                 client_tgid: pending.client_tgid,
             });
-            entry.submit(0);
+            entry.submit(accept_wakeup());
         }
         None => count(counter::RING_FULL),
+    }
+}
+
+/// Bytes of accept events after which the agent's reader is woken. Accept latencies are
+/// statistics, not alarms: waking the reader for each one (an interrupt to another CPU, then
+/// a task switch) cost more than the programs themselves under a connection storm. The
+/// agent also drains the ring every second, so a lone event waits at most that long.
+const ACCEPT_BATCH_BYTES: u64 = 4096;
+/// `bpf_ringbuf_query` and `bpf_ringbuf_submit` flags (`linux/bpf.h`).
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
+/// The wake-up flag for the accept event about to be submitted.
+#[inline(always)]
+pub(crate) fn accept_wakeup() -> u64 {
+    if ACCEPT_EVENTS.query(BPF_RB_AVAIL_DATA) >= ACCEPT_BATCH_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
     }
 }
 

@@ -416,6 +416,7 @@ impl KernelSensors {
         forward(
             &mut ebpf,
             EXIT_EVENTS_MAP,
+            None,
             events.clone(),
             |e: ExitEvent| {
                 let (at, delivery) = monotonic_to_instant(e.monotonic_ns);
@@ -434,6 +435,7 @@ impl KernelSensors {
         forward(
             &mut ebpf,
             SIGNAL_EVENTS_MAP,
+            None,
             events.clone(),
             |e: SignalEvent| {
                 KernelEvent::Signal(KernelSignal {
@@ -445,14 +447,20 @@ impl KernelSensors {
                 })
             },
         )?;
-        forward(&mut ebpf, ACCEPT_EVENTS_MAP, events, |e: AcceptEvent| {
-            KernelEvent::Accept(KernelAccept {
-                listener_index: e.listener_index,
-                client_pid: e.client_tgid,
-                latency: Duration::from_nanos(e.accepted_ns.saturating_sub(e.queued_ns)),
-                at: monotonic_to_instant(e.accepted_ns).0,
-            })
-        })?;
+        forward(
+            &mut ebpf,
+            ACCEPT_EVENTS_MAP,
+            Some(ACCEPT_DRAIN_INTERVAL),
+            events,
+            |e: AcceptEvent| {
+                KernelEvent::Accept(KernelAccept {
+                    listener_index: e.listener_index,
+                    client_pid: e.client_tgid,
+                    latency: Duration::from_nanos(e.accepted_ns.saturating_sub(e.queued_ns)),
+                    at: monotonic_to_instant(e.accepted_ns).0,
+                })
+            },
+        )?;
 
         Ok(Self {
             watched,
@@ -622,9 +630,16 @@ fn map_err(name: &'static str, e: aya::maps::MapError) -> KernelError {
 }
 
 /// Reads `T` records from ring buffer `name` and sends them, converted, to `events`.
+/// How often the accept ring is drained even if no batch has woken the reader (its programs
+/// submit without a wake-up until a batch has gathered; see `accept_wakeup` in the eBPF crate).
+const ACCEPT_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Reads `name`'s records as they are submitted, and also every `drain_every` when given
+/// (for a ring whose programs do not wake the reader for every record).
 fn forward<T: Pod + Send + 'static>(
     ebpf: &mut Ebpf,
     name: &'static str,
+    drain_every: Option<Duration>,
     events: mpsc::Sender<KernelEvent>,
     convert: impl Fn(T) -> KernelEvent + Send + 'static,
 ) -> Result<(), KernelError> {
@@ -638,23 +653,26 @@ fn forward<T: Pod + Send + 'static>(
             }
         })?;
     tokio::spawn(async move {
+        let mut drain = drain_every.map(|every| {
+            let mut timer = tokio::time::interval(every);
+            timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            timer
+        });
         loop {
-            let mut guard = match ring.readable_mut().await {
-                Ok(guard) => guard,
-                Err(e) => {
-                    warn!("ring buffer {name} can no longer be polled: {e}");
-                    return;
-                }
+            let batch = tokio::select! {
+                ready = ring.readable_mut() => match ready {
+                    Ok(mut guard) => {
+                        let batch = read_all::<T>(guard.get_inner_mut());
+                        guard.clear_ready();
+                        batch
+                    }
+                    Err(e) => {
+                        warn!("ring buffer {name} can no longer be polled: {e}");
+                        return;
+                    }
+                },
+                _ = tick(drain.as_mut()) => read_all::<T>(ring.get_mut()),
             };
-            let mut batch = Vec::new();
-            while let Some(item) = guard.get_inner_mut().next() {
-                if item.len() >= std::mem::size_of::<T>() {
-                    // SAFETY: the kernel program writes whole `T`s into this ring buffer,
-                    // the length was checked, and `T: Pod`; the record may be unaligned.
-                    batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<T>()) });
-                }
-            }
-            guard.clear_ready();
             for record in batch {
                 if events.send(convert(record)).await.is_err() {
                     return;
@@ -663,6 +681,29 @@ fn forward<T: Pod + Send + 'static>(
         }
     });
     Ok(())
+}
+
+/// Every record in the ring now.
+fn read_all<T: Pod>(ring: &mut RingBuf<aya::maps::MapData>) -> Vec<T> {
+    let mut batch = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<T>() {
+            // SAFETY: the kernel program writes whole `T`s into this ring buffer, the length
+            // was checked, and `T: Pod`; the record may be unaligned.
+            batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<T>()) });
+        }
+    }
+    batch
+}
+
+/// The next tick of `timer`, or never.
+async fn tick(timer: Option<&mut tokio::time::Interval>) {
+    match timer {
+        Some(timer) => {
+            timer.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 fn signal_from(e: &SignalEvent) -> KernelSignal {
