@@ -158,7 +158,7 @@ pub async fn run(
         metrics,
         clock: WallClock::new(),
         main_pid: None,
-        probe_in_flight: false,
+        probes_in_flight: 0,
         restart_in_flight: None,
         latency: LatencyWindow::new(LATENCY_WINDOW),
         signals: VecDeque::new(),
@@ -211,7 +211,12 @@ pub async fn run(
                     IDLE_PENDING_SAMPLE_INTERVAL
                 };
                 next_pending_sample = Some(Instant::now() + interval);
-                decision
+                if decision == Decision::ProbeNow {
+                    agent.start_confirming_probe(&probe_tx);
+                    Decision::Wait
+                } else {
+                    decision
+                }
             }
             _ = probe_timer.tick() => {
                 // systemd's signals bring every change of the unit; reading it now and then
@@ -322,7 +327,9 @@ struct Agent<'a> {
     metrics: Arc<Metrics>,
     clock: WallClock,
     main_pid: Option<u32>,
-    probe_in_flight: bool,
+    /// Probes sent and not answered yet: at most one regular probe, plus one confirming
+    /// probe that the detector asked for while the regular one was out.
+    probes_in_flight: u8,
     /// The verdict and start of the restart in flight, if any.
     restart_in_flight: Option<(Verdict, Instant)>,
     latency: LatencyWindow,
@@ -366,11 +373,24 @@ impl Agent<'_> {
         self.status.send_modify(|d| d.containerd_pid = pid);
     }
 
+    /// Sends a probe unless one is out already.
     fn start_probe(&mut self, results: &mpsc::Sender<ProbeResult>) {
-        if self.probe_in_flight {
-            return;
+        if self.probes_in_flight == 0 {
+            self.send_probe(results);
         }
-        self.probe_in_flight = true;
+    }
+
+    /// Sends the probe that confirms a kernel suspicion, even while a regular probe is out:
+    /// that one may have left before the connection that now waits was queued, and waiting
+    /// for it would put up to a whole probe deadline on the verdict.
+    fn start_confirming_probe(&mut self, results: &mpsc::Sender<ProbeResult>) {
+        if self.probes_in_flight < 2 {
+            self.send_probe(results);
+        }
+    }
+
+    fn send_probe(&mut self, results: &mpsc::Sender<ProbeResult>) {
+        self.probes_in_flight += 1;
         let socket = self.settings.socket.clone();
         let timeout = self.settings.probe_timeout;
         let results = results.clone();
@@ -381,7 +401,7 @@ impl Agent<'_> {
     }
 
     fn on_probe(&mut self, result: ProbeResult) -> Decision {
-        self.probe_in_flight = false;
+        self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
         let record = ProbeRecord {
             at: humantime::format_rfc3339_micros(result.started_wall).to_string(),
             latency_ms: millis(result.latency),
