@@ -46,8 +46,8 @@ struct ActionResult {
 const PENDING_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
 /// How often it is sampled while it was empty at the last sample. A connection that starts
 /// waiting is then seen at most this old, well before it matters (the detector's
-/// `confirm_after`, 500 ms by default); sampling every 100 ms only while something waits is
-/// most of what the agent saves at rest.
+/// `confirm_after`, half the stall threshold: 500 ms by default); sampling every 100 ms only
+/// while something waits is most of what the agent saves at rest.
 const IDLE_PENDING_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the unit is read from systemd while its change signals are followed (without
 /// them: every probe interval).
@@ -100,7 +100,6 @@ pub async fn run(
     let detector = Detector::new(DetectorConfig {
         stall_threshold: settings.stall_threshold,
         failures_to_hang: settings.failures_to_hang,
-        confirm_after: settings.stall_threshold / 2,
         confirm_spacing: settings.probe_timeout,
     });
     let (status_tx, status_rx) = watch::channel(StatusDocument {

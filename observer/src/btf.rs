@@ -818,7 +818,7 @@ impl From<BtfError> for SizeError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::Instant;
 
@@ -1283,7 +1283,7 @@ mod tests {
     }
 
     /// The running kernel's BTF, or `None` (with a message) where this kernel has none.
-    fn kernel_btf() -> Option<Btf> {
+    pub(crate) fn kernel_btf() -> Option<Btf> {
         if !Path::new(SYS_FS_PATH).exists() {
             println!("skipped: {SYS_FS_PATH} is absent (kernel without CONFIG_DEBUG_INFO_BTF)");
             return None;

@@ -8,9 +8,9 @@
 //! - a kernel-reported exit of containerd's main process is a crash at once;
 //! - a connection waiting in containerd's accept queue longer than `stall_threshold` is a
 //!   kernel suspicion: containerd becomes suspect;
-//! - a confirming probe is asked for once the oldest connection has waited `confirm_after`
-//!   (half the stall threshold by default), so that its deadline runs alongside the threshold
-//!   instead of after it;
+//! - a confirming probe is asked for once the oldest connection has waited half the stall
+//!   threshold ([`DetectorConfig::confirm_after`]), so that its deadline runs alongside
+//!   the threshold instead of after it;
 //! - a failed probe while the suspicion stands is a hang;
 //! - without kernel evidence, `failures_to_hang` consecutive failed probes make a hang
 //!   (timeouts) or an unreachable containerd (connection refused, socket missing);
@@ -29,12 +29,18 @@ pub struct DetectorConfig {
     pub failures_to_hang: u32,
     /// Age of the oldest pending connection from which the accept loop looks stalled.
     pub stall_threshold: Duration,
-    /// Age of the oldest pending connection from which a confirming probe is asked for.
-    /// Below `stall_threshold`, so that a hang is judged about one probe deadline sooner;
-    /// the verdict still needs the full threshold and a failed probe.
-    pub confirm_after: Duration,
     /// Least time between two confirming probes asked for by kernel suspicion.
     pub confirm_spacing: Duration,
+}
+
+impl DetectorConfig {
+    /// Age of the oldest pending connection from which a confirming probe is asked for: half
+    /// the stall threshold, so that the probe's deadline runs alongside the threshold and a
+    /// hang is judged about one deadline sooner. The verdict still needs the full threshold
+    /// and a failed probe.
+    pub fn confirm_after(&self) -> Duration {
+        self.stall_threshold / 2
+    }
 }
 
 impl Default for DetectorConfig {
@@ -42,7 +48,6 @@ impl Default for DetectorConfig {
         Self {
             failures_to_hang: 3,
             stall_threshold: Duration::from_secs(1),
-            confirm_after: Duration::from_millis(500),
             confirm_spacing: Duration::from_secs(1),
         }
     }
@@ -294,8 +299,7 @@ impl Detector {
                 oldest_age,
                 sensor,
             } => {
-                let confirm_after = self.config.confirm_after.min(self.config.stall_threshold);
-                let Some(age) = oldest_age.filter(|age| *age >= confirm_after) else {
+                let Some(age) = oldest_age.filter(|age| *age >= self.config.confirm_after()) else {
                     self.stall = None;
                     return Decision::Wait;
                 };

@@ -1,22 +1,23 @@
 //! `cargo xtask test` and `cargo xtask lint`: the checks CI runs, runnable the same way by hand.
 
-use std::{env, process::Command, time::Duration};
+use std::{env, process::Command};
 
 use anyhow::{Result, bail};
 
 use crate::{
     cmd::{self, TAG, is_root, target_dir},
-    vm::{self, Kernel, KernelChoice},
+    vm::{self, Kernel},
 };
 
 /// Builds the observer, then runs the workspace's tests (its default members: the eBPF crate
 /// only builds for the BPF target) with `OBSERVER_BIN` naming the binary under test, then the
 /// kernel matrix: the VM scenarios on each of `kernels` (default: all under `CI=true`).
-pub fn test(cargo_test_args: &[String], kernels: Option<Vec<KernelChoice>>) -> Result<()> {
+pub fn test(cargo_test_args: &[String], kernels: Option<Vec<Option<Kernel>>>) -> Result<()> {
+    use clap::ValueEnum as _;
     let in_ci = env::var("CI").is_ok_and(|v| v == "true");
     let kernels: Vec<Kernel> = match kernels {
-        Some(chosen) => chosen.iter().filter_map(|k| k.kernel()).collect(),
-        None if in_ci => Kernel::ALL.to_vec(),
+        Some(chosen) => chosen.into_iter().flatten().collect(),
+        None if in_ci => Kernel::value_variants().to_vec(),
         None => Vec::new(),
     };
     workspace_tests(cargo_test_args)?;
@@ -26,15 +27,11 @@ pub fn test(cargo_test_args: &[String], kernels: Option<Vec<KernelChoice>>) -> R
         );
         return Ok(());
     }
+    let observer = vm::prepare_host()?;
     let mut failed = Vec::new();
     for kernel in &kernels {
         println!("{TAG} kernel matrix: Debian {}", kernel.name());
-        let outcome = vm::vm(vm::VmOptions {
-            kernel: *kernel,
-            paths: vec!["auto".into(), "tracepoint".into()],
-            timeout: Duration::from_secs(30 * 60),
-            memory_mib: 2048,
-        });
+        let outcome = vm::run(&vm::VmOptions::both_paths(*kernel), &observer);
         match outcome {
             Ok(true) => {}
             Ok(false) => failed.push(format!("{}: a scenario failed", kernel.name())),

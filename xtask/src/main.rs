@@ -48,8 +48,8 @@ enum Task {
     Test {
         /// Debian kernels to run the VM scenarios on after the tests, comma-separated, or
         /// `none`. Default: every kernel under `CI=true`, none otherwise (they take minutes).
-        #[arg(long, value_delimiter = ',', value_name = "KERNELS")]
-        kernels: Option<Vec<vm::KernelChoice>>,
+        #[arg(long, value_delimiter = ',', value_name = "KERNELS", value_parser = parse_kernel_or_none)]
+        kernels: Option<Vec<Option<vm::Kernel>>>,
         /// Arguments for `cargo test`, after `--` (e.g. `-- -p observer -- --nocapture`).
         #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
         cargo_test_args: Vec<String>,
@@ -101,12 +101,23 @@ enum Task {
         #[arg(long, value_delimiter = ',', default_value = "auto,tracepoint")]
         paths: Vec<String>,
         /// Stop the VM after this many minutes.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = vm::DEFAULT_TIMEOUT_MIN)]
         timeout_min: u64,
         /// The VM's memory in MiB.
-        #[arg(long, default_value_t = 2048)]
+        #[arg(long, default_value_t = vm::DEFAULT_MEMORY_MIB)]
         memory_mib: u32,
     },
+}
+
+/// A kernel of `vm::Kernel`, or `none` (no kernel matrix).
+fn parse_kernel_or_none(value: &str) -> Result<Option<vm::Kernel>, String> {
+    use clap::ValueEnum as _;
+    if value == "none" {
+        return Ok(None);
+    }
+    vm::Kernel::from_str(value, false)
+        .map(Some)
+        .map_err(|_| format!("unknown kernel `{value}`: use 6.1, 6.12 or none"))
 }
 
 fn main() -> ExitCode {

@@ -98,30 +98,7 @@ pub enum Kernel {
     V6_12,
 }
 
-/// A kernel named on `cargo xtask test --kernels`, or `none`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum KernelChoice {
-    #[value(name = "6.1")]
-    V6_1,
-    #[value(name = "6.12")]
-    V6_12,
-    /// No kernel matrix.
-    None,
-}
-
-impl KernelChoice {
-    pub fn kernel(self) -> Option<Kernel> {
-        match self {
-            KernelChoice::V6_1 => Some(Kernel::V6_1),
-            KernelChoice::V6_12 => Some(Kernel::V6_12),
-            KernelChoice::None => None,
-        }
-    }
-}
-
 impl Kernel {
-    pub const ALL: [Kernel; 2] = [Kernel::V6_1, Kernel::V6_12];
-
     pub fn name(self) -> &'static str {
         match self {
             Kernel::V6_1 => "6.1",
@@ -237,23 +214,51 @@ pub struct VmOptions {
     pub memory_mib: u32,
 }
 
-/// Runs the scenarios on one kernel; `Ok(false)` when any scenario failed.
+/// `cargo xtask vm`'s defaults: the VM's deadline and memory.
+pub const DEFAULT_TIMEOUT_MIN: u64 = 30;
+pub const DEFAULT_MEMORY_MIB: u32 = 2048;
+
+impl VmOptions {
+    /// Both paths (fast path, then tracepoints) with `cargo xtask vm`'s defaults.
+    pub fn both_paths(kernel: Kernel) -> Self {
+        Self {
+            kernel,
+            paths: vec!["auto".into(), "tracepoint".into()],
+            timeout: Duration::from_secs(DEFAULT_TIMEOUT_MIN * 60),
+            memory_mib: DEFAULT_MEMORY_MIB,
+        }
+    }
+}
+
+/// Builds the observer and runs the scenarios on one kernel; `Ok(false)` when any failed.
 pub fn vm(opts: VmOptions) -> Result<bool> {
+    let observer = prepare_host()?;
+    run(&opts, &observer)
+}
+
+/// What every kernel's run needs from this host, done once: root, the host tools, the
+/// observer built. Returns the observer's path.
+pub fn prepare_host() -> Result<PathBuf> {
     if !is_root() {
         bail!(
             "`cargo xtask vm` needs root (debootstrap, and a root disk whose files root owns): run it as root"
         );
     }
+    install_host_tools()?;
+    crate::setup::setup(false)?;
+    cmd::run(cmd::cargo().args(["build", "-p", "observer"]))?;
+    Ok(target_dir().join("debug").join("observer"))
+}
+
+/// Runs the scenarios on one kernel with `observer` (see [`prepare_host`]); `Ok(false)` when
+/// any scenario failed.
+pub fn run(opts: &VmOptions, observer: &Path) -> Result<bool> {
     let started = Instant::now();
     for path in &opts.paths {
         if path != "auto" && path != "tracepoint" {
             bail!("unknown kernel path `{path}`: use auto, tracepoint or both (auto,tracepoint)");
         }
     }
-    install_host_tools()?;
-    crate::setup::setup(false)?;
-    cmd::run(cmd::cargo().args(["build", "-p", "observer"]))?;
-    let observer = target_dir().join("debug").join("observer");
 
     let cache = target_dir().join("vm");
     fs::create_dir_all(&cache)?;
@@ -266,7 +271,7 @@ pub fn vm(opts: VmOptions) -> Result<bool> {
     );
     let initramfs = build_initramfs(&cache, &kernel)?;
     let rootfs = build_rootfs(&cache, &mirrors.archive)?;
-    let share = prepare_share(&cache, opts.kernel, &observer, &opts.paths)?;
+    let share = prepare_share(&cache, opts.kernel, observer, &opts.paths)?;
     let prepared = started.elapsed();
     println!(
         "{TAG} VM assets ready in {:.0} s; booting {} under QEMU (TCG)",
@@ -276,7 +281,7 @@ pub fn vm(opts: VmOptions) -> Result<bool> {
 
     let boot = Instant::now();
     let serial_log = share.parent().unwrap_or(&cache).join("serial.log");
-    let finished = boot_vm(&kernel, &initramfs, &rootfs, &share, &serial_log, &opts)?;
+    let finished = boot_vm(&kernel, &initramfs, &rootfs, &share, &serial_log, opts)?;
     let results = share.join("results");
     let ok = report(&results, opts.kernel, finished)?;
     println!(

@@ -191,8 +191,9 @@ impl KernelSensors {
         let offsets = layout::StructOffsets::from_btf(btf.as_ref().map_err(Clone::clone));
         let mut layout = layout::build(&formats, &offsets);
         // The fast path (fentry/fexit, tp_btf) where this kernel allows it; see `fentry`.
-        let (fast_exit, fast_accept) = match fentry::disabled() {
-            Some(reason) => (Err(reason.clone()), Err(reason)),
+        let fast_path_off = fentry::disabled();
+        let (fast_exit, fast_accept) = match &fast_path_off {
+            Some(reason) => (Err(reason.clone()), Err(reason.clone())),
             None => fentry::fill_layout(&mut layout, btf.as_ref().map_err(Clone::clone)),
         };
         let accept_signature = btf.as_ref().map_or("", fentry::accept_signature);
@@ -299,73 +300,74 @@ impl KernelSensors {
             cause_notes.push(format!("OOM kills are not named: {e}"));
         }
 
-        let fast_accept = fast_accept.and_then(|()| {
-            fentry::attach_accept_queue(
-                &mut ebpf,
-                kernel_btf.as_ref().map_err(Clone::clone)?,
-                accept_signature,
-            )
-        });
+        // The accept queue takes the first tier that loads: fentry/fexit, then BTF-typed
+        // tracepoints (the same programs as the classic ones, without a trace record built
+        // for every unix wake-up and freed skb on the node), then classic tracepoints.
         let mut queue_notes = Vec::new();
-        let (queue_hook, queue_path, accept) = match fast_accept {
-            Ok(hook) => {
-                fast_programs.extend([
-                    observer_common::CONNECT_ENTRY_PROGRAM,
-                    observer_common::CONNECT_EXIT_PROGRAM,
-                    observer_common::ACCEPT_EXIT_PROGRAM,
-                ]);
-                (hook, fentry::path::FENTRY, Ok(()))
+        let typed = fast_accept
+            .and_then(|()| {
+                let btf = kernel_btf.as_ref().map_err(Clone::clone)?;
+                let hook = fentry::attach_accept_queue(&mut ebpf, btf, accept_signature)?;
+                Ok((
+                    hook,
+                    fentry::path::FENTRY,
+                    &[
+                        observer_common::CONNECT_ENTRY_PROGRAM,
+                        observer_common::CONNECT_EXIT_PROGRAM,
+                        observer_common::ACCEPT_EXIT_PROGRAM,
+                    ][..],
+                ))
+            })
+            .or_else(|e| {
+                queue_notes.push(format!("not on fentry: {e}"));
+                if let Some(reason) = &fast_path_off {
+                    return Err(reason.clone());
+                }
+                offsets.sock_receive_queue_tail.clone()?;
+                offsets.sock_family.clone()?;
+                let btf = kernel_btf.as_ref().map_err(Clone::clone)?;
+                let hook = fentry::attach_accept_queue_btf(&mut ebpf, btf)?;
+                Ok((
+                    hook,
+                    fentry::path::TP_BTF,
+                    &[
+                        observer_common::CONNECT_BTF_PROGRAM,
+                        observer_common::ACCEPT_BTF_PROGRAM,
+                    ][..],
+                ))
+            });
+        let (queue_hook, queue_path, accept) = match typed {
+            Ok((hook, path, programs)) => {
+                fast_programs.extend(programs);
+                (hook, path, Ok(()))
             }
             Err(e) => {
-                queue_notes.push(format!("not on fentry: {e}"));
-                // BTF-typed tracepoints next: the same programs without a trace record built
-                // for every unix wake-up and freed skb on the node.
-                let typed = match fentry::disabled() {
-                    Some(reason) => Err(reason),
-                    None => offsets
-                        .sock_receive_queue_tail
-                        .clone()
-                        .and(offsets.sock_family.clone())
-                        .and_then(|_| kernel_btf.as_ref().map_err(Clone::clone))
-                        .and_then(|btf| fentry::attach_accept_queue_btf(&mut ebpf, btf)),
+                queue_notes.push(format!("not on tp_btf: {e}"));
+                let connect = attach(
+                    &mut ebpf,
+                    CONNECT_PROGRAM,
+                    &formats.sk_data_ready,
+                    &[
+                        formats.sk_data_ready.require("skaddr", 8),
+                        formats.sk_data_ready.require("family", 2),
+                        offsets.sock_receive_queue_tail.clone(),
+                    ],
+                );
+                let accept = match &connect {
+                    Ok(()) => attach(
+                        &mut ebpf,
+                        ACCEPT_PROGRAM,
+                        &formats.consume_skb,
+                        &[formats.consume_skb.require("skbaddr", 8)],
+                    ),
+                    Err(e) => Err(e.clone()),
                 };
-                match typed {
-                    Ok(hook) => {
-                        fast_programs.extend([
-                            observer_common::CONNECT_BTF_PROGRAM,
-                            observer_common::ACCEPT_BTF_PROGRAM,
-                        ]);
-                        (hook, fentry::path::TP_BTF, Ok(()))
-                    }
-                    Err(e) => {
-                        queue_notes.push(format!("not on tp_btf: {e}"));
-                        let connect = attach(
-                            &mut ebpf,
-                            CONNECT_PROGRAM,
-                            &formats.sk_data_ready,
-                            &[
-                                formats.sk_data_ready.require("skaddr", 8),
-                                formats.sk_data_ready.require("family", 2),
-                                offsets.sock_receive_queue_tail.clone(),
-                            ],
-                        );
-                        let accept = match &connect {
-                            Ok(()) => attach(
-                                &mut ebpf,
-                                ACCEPT_PROGRAM,
-                                &formats.consume_skb,
-                                &[formats.consume_skb.require("skbaddr", 8)],
-                            ),
-                            Err(e) => Err(e.clone()),
-                        };
-                        (
-                            "tracepoints sock/sk_data_ready (connect queued), skb/consume_skb (accepted)"
-                                .to_owned(),
-                            fentry::path::TRACEPOINT,
-                            accept,
-                        )
-                    }
-                }
+                (
+                    "tracepoints sock/sk_data_ready (connect queued), skb/consume_skb (accepted)"
+                        .to_owned(),
+                    fentry::path::TRACEPOINT,
+                    accept,
+                )
             }
         };
 
