@@ -1,32 +1,19 @@
-//! The containerd observer: sensors feed one detector, whose decisions one actuator carries
-//! out through systemd, while the status endpoint shows what was seen and done.
+//! The containerd observer. The modules follow the data path:
 //!
-//! - sensors: [`kernel`] (eBPF programs), [`sensors`] (each kernel sensor or its fallback:
-//!   [`pidfd`], [`sockdiag`]), [`heartbeat`], [`probe`] (`Version()` over gRPC),
-//!   [`systemd`] (the unit)
-//! - [`detector`]: the state machine, free of I/O
-//! - [`actuator`]: restarts through systemd
-//! - [`status`]: the JSON document and its HTTP endpoint
-//! - [`kubernetes`]: the node condition and events, when running in a cluster
-//! - [`agent`]: wires them together
-pub mod actuator;
-pub mod agent;
-pub mod btf;
-pub mod budget;
-pub mod cause;
+//! - [`sense`]: what is observed. The kernel programs and their fallbacks, the heartbeat, the
+//!   `Version()` probe, and the unit as systemd sees it.
+//! - [`judge`]: the detector, the restart budget and the policy, in a crate of its own that
+//!   does no I/O and takes the time from its caller.
+//! - [`act`]: restarts and their escalation, through systemd over D-Bus.
+//! - [`report`]: the status document, its HTTP endpoint and client, metrics, and the
+//!   Kubernetes node condition and events.
+//! - [`daemon`]: the event loop that carries observations to the judge and its actions out,
+//!   with the process's health, systemd notification and logging.
+//! - [`config`]: flags, environment and the config file.
+pub mod act;
 pub mod config;
-pub mod detector;
-pub mod health;
-pub mod heartbeat;
-pub mod kernel;
-pub mod kubernetes;
-pub mod latency;
-pub mod logging;
-pub mod metrics;
-pub mod notify;
-pub mod pidfd;
-pub mod probe;
-pub mod sensors;
-pub mod sockdiag;
-pub mod status;
-pub mod systemd;
+pub mod daemon;
+pub mod report;
+pub mod sense;
+
+pub use judge;

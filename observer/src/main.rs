@@ -5,9 +5,9 @@ use std::{io::IsTerminal as _, process::ExitCode, time::SystemTime};
 
 use clap::Parser as _;
 use observer::{
-    agent,
     config::{Cli, Command, Settings, StatusArgs},
-    logging, status,
+    daemon::{agent, logging},
+    report::status,
 };
 
 fn main() -> ExitCode {

@@ -16,7 +16,7 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{cause::ExitCause, detector::State};
+use crate::{judge::cause::ExitCause, judge::detector::State};
 
 /// Prefix of every metric name.
 pub const PREFIX: &str = "containerd_observer";

@@ -12,9 +12,9 @@ use k8s_openapi::{
 use serde_json::{Value, json};
 
 use crate::{
-    detector::State,
-    metrics::state_label,
-    status::{ActionRecord, StatusDocument, VerdictRecord},
+    judge::detector::State,
+    report::metrics::state_label,
+    report::status::{ActionRecord, StatusDocument, VerdictRecord},
 };
 
 /// The node condition's type. Problem polarity, as node-problem-detector's conditions:
@@ -462,7 +462,7 @@ pub fn event_repeat_patch(count: u32, last: Timestamp, message: &str) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kubernetes::tests::{Doc, action, verdict};
+    use crate::report::kubernetes::tests::{Doc, action, verdict};
 
     fn t(s: &str) -> Timestamp {
         s.parse().unwrap()

@@ -11,6 +11,7 @@
 //! A sensor whose tracepoint, record field or struct offset is missing on this kernel is
 //! off with the reason; the others still run.
 
+pub mod btf;
 pub mod fentry;
 pub mod layout;
 
@@ -38,7 +39,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::{btf::Btf, detector::Source};
+use crate::{judge::detector::Source, sense::kernel::btf::Btf};
 
 /// The kernel programs, built from `observer-ebpf` by the build script.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer"));

@@ -28,8 +28,8 @@ use super::{
     report::{Observable, Observed},
 };
 use crate::{
-    detector::{Source, State},
-    status::{ActionRecord, EvidenceRecord, VerdictRecord},
+    judge::detector::{Source, State},
+    report::status::{ActionRecord, EvidenceRecord, VerdictRecord},
 };
 
 /// A status document reduced to what the reporter reads.

@@ -12,7 +12,7 @@ use std::{
 
 use containerd_client::services::v1::version_client::VersionClient;
 
-use crate::detector::ProbeFailure;
+use crate::judge::detector::ProbeFailure;
 
 /// What one probe found.
 #[derive(Debug, Clone)]

@@ -31,7 +31,7 @@ use self::{
     api::{ApiError, NodeApi},
     report::{Condition, Judgement, Observable, Occurrence, Tracker},
 };
-use crate::status::StatusDocument;
+use crate::report::status::StatusDocument;
 
 /// Where Kubernetes mounts the service account's token and the cluster's CA.
 pub const TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";

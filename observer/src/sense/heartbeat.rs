@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use crate::kernel::ListenerLearner;
+use crate::sense::kernel::ListenerLearner;
 
 /// Counts of heartbeats sent and failed, for the status document.
 #[derive(Debug, Default)]

@@ -16,7 +16,7 @@ use observer_common::{
     CONNECT_EXIT_PROGRAM, Layout, PROCESS_EXIT_BTF_PROGRAM,
 };
 
-use crate::btf::Btf;
+use crate::sense::kernel::btf::Btf;
 
 /// Environment variable that picks the kernel path: `tracepoint` turns the fast path off.
 pub const HOOKS_ENV: &str = "OBSERVER_KERNEL_HOOKS";
@@ -220,7 +220,7 @@ mod tests {
     /// Needs the running kernel's BTF (`/sys/kernel/btf/vmlinux`, readable without root).
     #[test]
     fn this_kernels_btf_has_every_fast_path_offset() {
-        let Some(btf) = crate::btf::tests::kernel_btf() else {
+        let Some(btf) = crate::sense::kernel::btf::tests::kernel_btf() else {
             return;
         };
         let mut layout = Layout::UNKNOWN;

@@ -25,12 +25,14 @@ use tracing::{debug, warn};
 
 use crate::{
     config::Settings,
-    detector::Source,
-    heartbeat::Heartbeat,
-    kernel::{KernelEvent, KernelExit, KernelSensors, PendingSnapshot, ProgramCost, SensorState},
-    pidfd::PidExitWatch,
-    sockdiag::{self, PendingTracker},
-    status::{HeartbeatRecord, ProgramRecord, SensorStatus, Sensors as SensorsRecord},
+    judge::detector::Source,
+    report::status::{HeartbeatRecord, ProgramRecord, SensorStatus, Sensors as SensorsRecord},
+    sense::fallback::pidfd::PidExitWatch,
+    sense::fallback::sockdiag::{self, PendingTracker},
+    sense::heartbeat::Heartbeat,
+    sense::kernel::{
+        KernelEvent, KernelExit, KernelSensors, PendingSnapshot, ProgramCost, SensorState,
+    },
 };
 
 /// Pending ages from this on are checked against the kernel's accept queue (sock_diag).

@@ -15,24 +15,25 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::{
-    actuator::{self, ActuatorConfig, Plan, RestartOutcome},
-    budget::{Allowance, BudgetConfig, RestartBudget},
-    cause::{self, SignalRecord},
+    act::restart::{self, ActuatorConfig, RestartOutcome},
+    act::systemd::{Systemd, UnitStatus},
     config::Settings,
-    detector::{Decision, Detector, DetectorConfig, Observation, State, Verdict},
-    health::Health,
-    kernel::{KernelAccept, KernelEvent, KernelExit},
-    latency::LatencyWindow,
-    metrics::{Metrics, state_label},
-    notify::Notifier,
-    probe::{self, ProbeResult},
-    sensors::Sensors,
-    status::{
+    daemon::health::Health,
+    daemon::notify::Notifier,
+    judge::budget::{Allowance, BudgetConfig, RestartBudget},
+    judge::cause::{self, SignalRecord},
+    judge::detector::{Decision, Detector, DetectorConfig, Observation, State, Verdict},
+    judge::latency::LatencyWindow,
+    judge::policy::{self, Plan},
+    report::metrics::{Metrics, state_label},
+    report::status::{
         self, ActionRecord, BudgetRecord, Endpoint, ExitRecord, LatencyRecord, ObserverRecord,
         PendingRecord, ProbeRecord, RefreshRequest, RestartRecord, StatusDocument, VerdictRecord,
         WallClock, millis, push_action, push_bounded,
     },
-    systemd::{Systemd, UnitStatus},
+    sense::kernel::{KernelAccept, KernelEvent, KernelExit},
+    sense::probe::{self, ProbeResult},
+    sense::sensors::Sensors,
 };
 
 /// What the actuator's task came back with.
@@ -136,7 +137,7 @@ pub async fn run(
         refresh: refresh_tx,
     };
     let server = tokio::spawn(endpoint.serve(listener, unix_listener));
-    crate::kubernetes::spawn(status_tx.subscribe(), settings.no_kubernetes);
+    crate::report::kubernetes::spawn(status_tx.subscribe(), settings.no_kubernetes);
     info!(
         status = %format!("http://{}/status", settings.status_listen),
         status_socket = ?settings.status_socket,
@@ -494,7 +495,7 @@ impl Agent<'_> {
                 at: s.at,
             });
         }
-        let cause = (exit.source == crate::detector::Source::Ebpf)
+        let cause = (exit.source == crate::judge::detector::Source::Ebpf)
             .then(|| cause::explain(exit.pid, exit.exit_code, exit.at, &signals));
         let description = match (&cause, exit.source) {
             (Some(cause), _) => format!(
@@ -645,17 +646,17 @@ impl Agent<'_> {
             .flatten();
         let main_pid = self.main_pid;
         tokio::spawn(async move {
-            let unit = match actuator::settled_status(&systemd, dead_pid, config.settle).await {
+            let unit = match restart::settled_status(&systemd, dead_pid, config.settle).await {
                 Ok(unit) => unit,
                 Err(e) => {
                     warn!("cannot read the unit before acting: {e}");
                     UnitStatus::default()
                 }
             };
-            let plan = actuator::plan(verdict.state, &unit, dead_pid);
+            let plan = policy::plan(verdict.state, &unit, dead_pid);
             let restart = match plan {
                 Plan::Restart => {
-                    Some(actuator::restart(&systemd, &config, verdict.state, main_pid).await)
+                    Some(restart::restart(&systemd, &config, verdict.state, main_pid).await)
                 }
                 _ => None,
             };

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use observer_common::{FATAL_SIGNALS, Layout, NO_OFFSET};
 
-use crate::btf::Btf;
+use crate::sense::kernel::btf::Btf;
 
 /// Where tracefs is usually mounted, newest convention first.
 const TRACEFS_ROOTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
@@ -316,7 +316,7 @@ print fmt: \"comm=%s pid=%d prio=%d group_dead=%s\", REC->comm, REC->pid, REC->p
     /// Needs the running kernel's BTF (`/sys/kernel/btf/vmlinux`, readable without root).
     #[test]
     fn this_kernels_btf_has_the_socket_offsets_the_programs_read() {
-        let Some(btf) = crate::btf::tests::kernel_btf() else {
+        let Some(btf) = crate::sense::kernel::btf::tests::kernel_btf() else {
             return;
         };
         let offsets = StructOffsets::from_btf(Ok(&btf));

@@ -1,0 +1,7 @@
+//! The actuator: carries out the judge's actions through systemd, and only through it.
+//!
+//! - [`systemd`]: the D-Bus client for systemd's manager, scoped to containerd's unit;
+//! - [`restart`]: a restart and its escalation (goroutine dump, `RestartUnit`, `SIGKILL` of a
+//!   stop that hangs).
+pub mod restart;
+pub mod systemd;

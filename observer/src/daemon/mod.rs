@@ -1,0 +1,6 @@
+//! The running agent: the event loop, the process's own health (`/livez`, `/readyz`),
+//! systemd's readiness notification and logging.
+pub mod agent;
+pub mod health;
+pub mod logging;
+pub mod notify;

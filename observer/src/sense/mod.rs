@@ -1,0 +1,15 @@
+//! Sensors: everything the observer learns about containerd comes through here.
+//!
+//! - [`kernel`]: the eBPF programs (exits and their cause, the accept queue), and the kernel
+//!   BTF and tracefs layouts they are loaded with;
+//! - [`fallback`]: pidfd and sock_diag, which stand in where eBPF cannot load;
+//! - [`sensors`]: picks, per sensor, the kernel program or its fallback, and says which;
+//! - [`heartbeat`]: the cheap connects that keep the accept queue observed;
+//! - [`probe`]: `Version()` over gRPC, each call with its own deadline;
+//! - [`unit`]: the unit as systemd sees it, and its changes.
+pub mod fallback;
+pub mod heartbeat;
+pub mod kernel;
+pub mod probe;
+pub mod sensors;
+pub mod unit;
