@@ -1,10 +1,129 @@
-//! What to do about a verdict, given systemd's view of the unit: the rule that the observer
-//! never fights systemd. A unit systemd is already restarting is left to systemd; a unit an
-//! operator stopped stays stopped.
+//! What to do about a verdict. Two pure steps, in the style of a reconcile function:
+//!
+//! - [`decide`]: from the verdict, the switches (pause, dry run), whether a restart is
+//!   already in flight, and the restart budget at `now`, the [`Action`] the loop carries out;
+//! - [`plan`]: once systemd's view of the unit is read, whether the restart is ours to do.
+//!   The observer never fights systemd: a unit systemd is already restarting is left to
+//!   systemd, a unit an operator stopped stays stopped.
+//!
+//! [`settled`] then turns what a plan or a restart came to into the action recorded and what
+//! the detector is told.
+
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::detector::State;
+use crate::{
+    budget::{Allowance, RestartBudget},
+    detector::{Observation, State},
+};
+
+/// The operator's switches that hold the observer's hand.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Switches {
+    /// The pause file exists: judge and report, never restart.
+    pub paused: bool,
+    /// `--dry-run`: say what would be done, do nothing.
+    pub dry_run: bool,
+}
+
+/// What the loop does about a verdict that calls for a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// A restart is already in flight; its result decides what comes next.
+    Wait,
+    /// Paused by the operator: recorded, not acted on.
+    Paused,
+    /// Dry run: recorded, not acted on.
+    DryRun,
+    /// The budget wants a pause between restarts: try again in `retry_in`.
+    BackOff {
+        retry_in: Duration,
+        recent_restarts: usize,
+    },
+    /// Too many restarts in the window: none until containerd is healthy for a while.
+    GiveUp { recent_restarts: usize },
+    /// Read the unit, [`plan`], and restart if the plan says so.
+    Restart,
+}
+
+impl Action {
+    /// The name the action is recorded under, in `/status`, the metrics and the log.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Wait => "wait",
+            Action::Paused => "paused",
+            Action::DryRun => "dry_run",
+            Action::BackOff { .. } => "back_off",
+            Action::GiveUp { .. } => "give_up",
+            Action::Restart => "restart",
+        }
+    }
+}
+
+/// Whether `state` still calls for a restart (a deferred one is retried only then).
+pub fn needs_restart(state: State) -> bool {
+    matches!(
+        state,
+        State::Crashed | State::Hung | State::Unreachable | State::Suspect
+    )
+}
+
+/// The reconcile step: what to do now about a verdict that calls for a restart.
+pub fn decide(
+    restart_in_flight: bool,
+    switches: Switches,
+    budget: &mut RestartBudget,
+    now: Instant,
+) -> Action {
+    if restart_in_flight {
+        return Action::Wait;
+    }
+    if switches.paused {
+        return Action::Paused;
+    }
+    if switches.dry_run {
+        return Action::DryRun;
+    }
+    match budget.allowance(now) {
+        Allowance::Allowed => Action::Restart,
+        Allowance::BackingOff { retry_in } => Action::BackOff {
+            retry_in,
+            recent_restarts: budget.recent_restarts(),
+        },
+        Allowance::GaveUp => Action::GiveUp {
+            recent_restarts: budget.recent_restarts(),
+        },
+    }
+}
+
+/// What a plan that did not restart comes to: the action recorded, its detail, and what the
+/// detector is told.
+pub fn settled(plan: Plan) -> Option<(&'static str, String, Observation)> {
+    Some(match plan {
+        Plan::LeaveToSystemd(why) => (
+            "leave_to_systemd",
+            why,
+            Observation::RestartFinished { ok: true },
+        ),
+        Plan::LeaveStopped(why) => (
+            "leave_stopped",
+            why.clone(),
+            Observation::UnitStopped { detail: why },
+        ),
+        Plan::Refused(why) => (
+            "refused_by_systemd",
+            why,
+            Observation::RestartFinished { ok: false },
+        ),
+        Plan::Restart => return None,
+    })
+}
+
+/// Whether a recorded action is one an operator must look at (logged as a warning).
+pub fn alarming(action: &str, succeeded: bool) -> bool {
+    matches!(action, "give_up" | "refused_by_systemd") || (action == "restart" && !succeeded)
+}
 
 /// systemd's view of one unit.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
@@ -81,6 +200,94 @@ pub fn plan(verdict: State, unit: &UnitStatus, dead_pid: Option<u32>) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::budget::BudgetConfig;
+
+    fn budget(max_restarts: usize) -> RestartBudget {
+        RestartBudget::new(BudgetConfig {
+            max_restarts,
+            ..BudgetConfig::default()
+        })
+    }
+
+    const ON: Switches = Switches {
+        paused: false,
+        dry_run: false,
+    };
+
+    #[test]
+    fn a_restart_in_flight_waits_for_its_result() {
+        let t0 = Instant::now();
+        assert_eq!(decide(true, ON, &mut budget(5), t0), Action::Wait);
+    }
+
+    #[test]
+    fn pause_wins_over_dry_run_and_both_win_over_the_budget() {
+        let t0 = Instant::now();
+        let both = Switches {
+            paused: true,
+            dry_run: true,
+        };
+        assert_eq!(decide(false, both, &mut budget(5), t0), Action::Paused);
+        let dry = Switches {
+            paused: false,
+            dry_run: true,
+        };
+        assert_eq!(decide(false, dry, &mut budget(0), t0), Action::DryRun);
+    }
+
+    #[test]
+    fn the_budget_spaces_restarts_then_gives_up() {
+        let t0 = Instant::now();
+        let mut b = budget(2);
+        assert_eq!(decide(false, ON, &mut b, t0), Action::Restart);
+        b.record_restart(t0);
+        match decide(false, ON, &mut b, t0 + Duration::from_secs(1)) {
+            Action::BackOff {
+                retry_in,
+                recent_restarts: 1,
+            } => assert!(retry_in > Duration::ZERO && retry_in <= Duration::from_secs(10)),
+            other => panic!("expected a back-off, got {other:?}"),
+        }
+        let t1 = t0 + Duration::from_secs(11);
+        assert_eq!(decide(false, ON, &mut b, t1), Action::Restart);
+        b.record_restart(t1);
+        assert_eq!(
+            decide(false, ON, &mut b, t1 + Duration::from_secs(60)),
+            Action::GiveUp { recent_restarts: 2 }
+        );
+    }
+
+    #[test]
+    fn only_bad_states_are_retried() {
+        assert!(needs_restart(State::Hung));
+        assert!(needs_restart(State::Crashed));
+        assert!(!needs_restart(State::Healthy));
+        assert!(!needs_restart(State::Recovering));
+        assert!(!needs_restart(State::Stopped));
+    }
+
+    #[test]
+    fn a_plan_that_does_not_restart_tells_the_detector_why() {
+        let (action, _, observation) = settled(Plan::LeaveStopped("stopped".into())).unwrap();
+        assert_eq!(action, "leave_stopped");
+        assert!(matches!(observation, Observation::UnitStopped { .. }));
+        let (action, _, observation) = settled(Plan::Refused("limit".into())).unwrap();
+        assert_eq!(action, "refused_by_systemd");
+        assert!(matches!(
+            observation,
+            Observation::RestartFinished { ok: false }
+        ));
+        assert!(settled(Plan::Restart).is_none());
+    }
+
+    #[test]
+    fn failures_and_refusals_are_alarming_routine_is_not() {
+        assert!(alarming("give_up", true));
+        assert!(alarming("refused_by_systemd", true));
+        assert!(alarming("restart", false));
+        assert!(!alarming("restart", true));
+        assert!(!alarming("back_off", true));
+    }
 
     fn unit(active: &str, sub: &str, main: Option<u32>, job: Option<&str>) -> UnitStatus {
         UnitStatus {

@@ -24,7 +24,7 @@ use crate::{
     judge::cause::{self, SignalRecord},
     judge::detector::{Decision, Detector, DetectorConfig, Observation, State, Verdict},
     judge::latency::LatencyWindow,
-    judge::policy::{self, Plan},
+    judge::policy::{self, Action, Plan, Switches},
     report::metrics::{Metrics, state_label},
     report::status::{
         self, ActionRecord, BudgetRecord, Endpoint, ExitRecord, LatencyRecord, ObserverRecord,
@@ -553,12 +553,17 @@ impl Agent<'_> {
     }
 
     /// Records an action in the document, the metrics and the log, one line each.
-    fn record_action(&mut self, action: &'static str, verdict: &Verdict, result: String) {
+    /// `succeeded` says whether the action did what it set out to (a restart whose job failed did not).
+    fn record_action(
+        &mut self,
+        action: &'static str,
+        verdict: &Verdict,
+        result: String,
+        succeeded: bool,
+    ) {
         let evidence: Vec<String> = verdict.evidence.iter().map(|e| e.detail.clone()).collect();
         // Failures and refusals stand out in the log; the rest is routine.
-        let alarming = matches!(action, "give_up" | "refused_by_systemd")
-            || (action == "restart" && !result.starts_with("restarted"));
-        if alarming {
+        if policy::alarming(action, succeeded) {
             warn!(action, reason = ?verdict.state, pid = ?verdict.pid, ?evidence, "{result}");
         } else {
             info!(action, reason = ?verdict.state, pid = ?verdict.pid, ?evidence, "{result}");
@@ -588,50 +593,51 @@ impl Agent<'_> {
     }
 
     fn act(&mut self, verdict: Verdict, done: &mpsc::Sender<ActionResult>) {
-        if self.restart_in_flight.is_some() {
-            return;
-        }
-        let paused = self.settings.pause_file.exists();
-        self.status.send_modify(|d| d.paused = paused);
-        if paused {
-            let result = format!(
+        let switches = Switches {
+            paused: self.settings.pause_file.exists(),
+            dry_run: self.settings.dry_run,
+        };
+        self.status.send_modify(|d| d.paused = switches.paused);
+        let now = Instant::now();
+        let action = policy::decide(
+            self.restart_in_flight.is_some(),
+            switches,
+            &mut self.budget,
+            now,
+        );
+        let result = match &action {
+            Action::Wait => return,
+            Action::Restart => None,
+            Action::Paused => Some(format!(
                 "paused by {}: not restarting {}",
                 self.settings.pause_file.display(),
                 self.settings.unit
-            );
-            self.record_action("paused", &verdict, result);
-            return;
-        }
-        if self.settings.dry_run {
-            let result = format!("dry run: would restart {}", self.settings.unit);
-            self.record_action("dry_run", &verdict, result);
-            return;
-        }
-        let now = Instant::now();
-        match self.budget.allowance(now) {
-            Allowance::Allowed => {}
-            Allowance::BackingOff { retry_in } => {
-                let result = format!(
-                    "backing off: {} restart(s) recently; next attempt in {:.0} s",
-                    self.budget.recent_restarts(),
+            )),
+            Action::DryRun => Some(format!("dry run: would restart {}", self.settings.unit)),
+            Action::BackOff {
+                retry_in,
+                recent_restarts,
+            } => {
+                self.deferred = Some((verdict.clone(), now + *retry_in));
+                Some(format!(
+                    "backing off: {recent_restarts} restart(s) recently; next attempt in {:.0} s",
                     retry_in.as_secs_f64()
-                );
-                self.record_action("back_off", &verdict, result);
-                self.deferred = Some((verdict, now + retry_in));
-                self.publish_budget();
-                return;
+                ))
             }
-            Allowance::GaveUp => {
-                let result = format!(
-                    "gave up: {} restarts within {:.0} min; no more until containerd is healthy again",
-                    self.budget.recent_restarts(),
-                    budget_config(self.settings).window.as_secs_f64() / 60.0
-                );
-                self.record_action("give_up", &verdict, result);
+            Action::GiveUp { recent_restarts } => {
                 self.deferred = None;
-                self.publish_budget();
-                return;
+                Some(format!(
+                    "gave up: {recent_restarts} restarts within {:.0} min; no more until containerd is healthy again",
+                    budget_config(self.settings).window.as_secs_f64() / 60.0
+                ))
             }
+        };
+        if let Some(result) = result {
+            self.record_action(action.name(), &verdict, result, true);
+            if matches!(action, Action::BackOff { .. } | Action::GiveUp { .. }) {
+                self.publish_budget();
+            }
+            return;
         }
         self.deferred = None;
         self.detector
@@ -675,10 +681,7 @@ impl Agent<'_> {
         let Some((verdict, _)) = self.deferred.take() else {
             return Decision::Wait;
         };
-        if matches!(
-            self.detector.state(),
-            State::Crashed | State::Hung | State::Unreachable | State::Suspect
-        ) {
+        if policy::needs_restart(self.detector.state()) {
             Decision::Restart(verdict)
         } else {
             Decision::Wait
@@ -692,25 +695,10 @@ impl Agent<'_> {
         self.status
             .send_modify(|d| d.unit_state = result.unit.clone());
         let Some(outcome) = result.restart else {
-            let (action, detail, observation) = match result.plan {
-                Plan::LeaveToSystemd(why) => (
-                    "leave_to_systemd",
-                    why,
-                    Observation::RestartFinished { ok: true },
-                ),
-                Plan::LeaveStopped(why) => (
-                    "leave_stopped",
-                    why.clone(),
-                    Observation::UnitStopped { detail: why },
-                ),
-                Plan::Refused(why) => (
-                    "refused_by_systemd",
-                    why,
-                    Observation::RestartFinished { ok: false },
-                ),
-                Plan::Restart => unreachable!("a restart plan always carries an outcome"),
+            let Some((action, detail, observation)) = policy::settled(result.plan) else {
+                unreachable!("a restart plan always carries an outcome");
             };
-            self.record_action(action, &verdict, detail);
+            self.record_action(action, &verdict, detail, true);
             self.detector.observe(Instant::now(), observation);
             self.set_main_pid(result.unit.main_pid);
             return;
@@ -742,7 +730,7 @@ impl Agent<'_> {
             )
         };
         self.metrics.restart(verdict.state, &outcome.job_result);
-        self.record_action("restart", &verdict, summary);
+        self.record_action("restart", &verdict, summary, outcome.succeeded());
         self.detector.observe(
             Instant::now(),
             Observation::RestartFinished {
@@ -777,7 +765,7 @@ impl Agent<'_> {
             "interrupted by shutdown: systemd carries on with the restart of {}, but its result was not seen",
             self.settings.unit
         );
-        self.record_action("restart", &verdict, result);
+        self.record_action("restart", &verdict, result, false);
     }
 
     /// Refreshes the slowly changing parts: sensor costs, heartbeat counts, latency window.
