@@ -18,6 +18,13 @@ pub enum Need {
     Containerd,
     /// `unshare` on `PATH`, for the manager's private mount namespace.
     Unshare,
+    /// `podman` and `catatonit` (its pods' pause process), for `podman kube play`.
+    Podman,
+    /// The observer's image, built by `cargo xtask image` (`$OBSERVER_IMAGE`, or
+    /// `target/image/containerd-observer.tar`).
+    Image,
+    /// `prometheus` and `promtool` on `PATH`.
+    Prometheus,
 }
 
 impl Need {
@@ -31,6 +38,14 @@ impl Need {
                 .any(|path| process::is_executable(Path::new(path))),
             Need::Containerd => process::find_on_path("containerd").is_some(),
             Need::Unshare => process::find_on_path("unshare").is_some(),
+            Need::Podman => {
+                process::find_on_path("podman").is_some()
+                    && process::is_executable(Path::new("/usr/libexec/podman/catatonit"))
+            }
+            Need::Image => crate::image::image_archive().is_file(),
+            Need::Prometheus => ["prometheus", "promtool"]
+                .iter()
+                .all(|tool| process::find_on_path(tool).is_some()),
         }
     }
 }
@@ -47,6 +62,15 @@ impl fmt::Display for Need {
                 "containerd on PATH (apt-get install -y containerd, or `cargo xtask setup`)"
             }
             Need::Unshare => "unshare on PATH (apt-get install -y util-linux)",
+            Need::Podman => {
+                "podman and /usr/libexec/podman/catatonit (apt-get install -y podman catatonit, or `cargo xtask setup`)"
+            }
+            Need::Image => {
+                "the observer's image (`cargo xtask image`, or OBSERVER_IMAGE naming its archive; `cargo xtask test` builds it)"
+            }
+            Need::Prometheus => {
+                "prometheus and promtool on PATH (apt-get install -y prometheus, or `cargo xtask setup`)"
+            }
         })
     }
 }

@@ -31,7 +31,9 @@ pub mod bench;
 mod cgroup;
 mod gate;
 mod grpc;
+pub mod image;
 mod observer;
+mod podman;
 mod process;
 mod sandbox;
 
@@ -40,6 +42,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 pub use gate::{Need, OBSERVER_NEEDS, Skip, require};
 pub use grpc::containerd_version;
 pub use observer::{Observer, free_local_addr, observer_bin};
+pub use podman::Podman;
 pub use sandbox::{Sandbox, SandboxOptions};
 
 /// Everything that can go wrong while starting, driving or asking a sandbox or an observer.
@@ -121,6 +124,12 @@ pub fn signal(pid: u32, signal: i32) {
         "kill({pid}, {signal}) failed: {}",
         std::io::Error::last_os_error()
     );
+}
+
+/// One `GET http://{addr}{path}` (5 s deadline), as a kubelet's HTTP probe makes it: the
+/// status code and body, or `None` when nothing answered.
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    observer::http_get(addr, path, Duration::from_secs(5)).ok()
 }
 
 impl SandboxError {

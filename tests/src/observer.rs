@@ -240,7 +240,11 @@ impl Drop for Observer {
 
 /// One `GET` with `Connection: close`. Reads to EOF and handles both `Content-Length` and
 /// chunked bodies. The error is a sentence for [`SandboxError::Http`].
-fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+pub(crate) fn http_get(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)
         .map_err(|err| format!("could not connect: {err}"))?;
     stream

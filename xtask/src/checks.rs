@@ -57,10 +57,16 @@ fn workspace_tests(cargo_test_args: &[String]) -> Result<()> {
     cmd::run(cmd::cargo().args(["build", "-p", "observer"]))?;
 
     let observer = target_dir().join("debug").join("observer");
-    if !is_root() {
-        println!("{TAG} not root: tests that need root (eBPF, the sandbox) will say they skip");
-    }
     let mut test = cmd::cargo();
+    if is_root() {
+        // The container tests run this image: the binary under test, in the offline image.
+        let archive = crate::image::build_from(&observer)?;
+        test.env("OBSERVER_IMAGE", archive);
+    } else {
+        println!(
+            "{TAG} not root: tests that need root (eBPF, the sandbox, the image) will say they skip"
+        );
+    }
     test.arg("test").env("OBSERVER_BIN", &observer);
     // Inherited anyway; set explicitly so the printed command shows it.
     if let Some(ci) = env::var_os("CI") {

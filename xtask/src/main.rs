@@ -4,6 +4,7 @@
 mod bench;
 mod checks;
 mod cmd;
+mod image;
 mod report;
 mod run;
 mod setup;
@@ -53,6 +54,14 @@ enum Task {
         /// Arguments for `cargo test`, after `--` (e.g. `-- -p observer -- --nocapture`).
         #[arg(last = true, value_name = "CARGO_TEST_ARGS")]
         cargo_test_args: Vec<String>,
+    },
+    /// Build the observer's container image offline (as root): the binary built here, a
+    /// debootstrap of Debian 12 as the base, the Dockerfile's layout, assembled by podman in a
+    /// store of its own. Writes a docker-archive to target/image/containerd-observer.tar.
+    Image {
+        /// Put the release binary in the image.
+        #[arg(long)]
+        release: bool,
     },
     /// Check formatting (cargo fmt) and lints (cargo clippy, warnings denied).
     Lint,
@@ -137,6 +146,9 @@ fn main() -> ExitCode {
             kernels,
             cargo_test_args,
         } => checks::test(&cargo_test_args, kernels).map(|()| ExitCode::SUCCESS),
+        Task::Image { release } => {
+            image::image(&image::ImageOptions { release }).map(|_| ExitCode::SUCCESS)
+        }
         Task::Lint => checks::lint().map(|()| ExitCode::SUCCESS),
         Task::Bench {
             trials,

@@ -25,6 +25,23 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("systemd", "/lib/systemd/systemd and systemctl"),
     ("util-linux", "unshare, which the sandbox runs in"),
     ("iproute2", "ss, to look at containerd's socket queue"),
+    (
+        "podman",
+        "cargo xtask image, and the container tests' `podman kube play`",
+    ),
+    ("catatonit", "the pause process of podman's pods"),
+    (
+        "debootstrap",
+        "the image's Debian base (cargo xtask image) and the VM's root disk",
+    ),
+    (
+        "prometheus",
+        "prometheus and promtool, which check deploy/monitoring's rules",
+    ),
+    (
+        "openssl",
+        "the stand-in API server's certificates in the container test",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

@@ -30,7 +30,7 @@ use anyhow::{Context, Result, bail};
 use crate::cmd::{self, TAG, find_in_path, is_root, target_dir, workspace_root};
 
 /// The Debian release the root disk is built from, and the key its archive is signed with.
-const SUITE: &str = "bookworm";
+pub(crate) const SUITE: &str = "bookworm";
 const KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 /// Where the host's apt sources are; the VM uses the same Debian mirrors.
 const APT_SOURCES: &[&str] = &["/etc/apt/sources.list", "/etc/apt/sources.list.d"];
@@ -127,14 +127,14 @@ impl Kernel {
 
 /// The Debian mirrors to fetch from: the archive, and the security archive if known.
 #[derive(Debug, PartialEq, Eq)]
-struct Mirrors {
-    archive: String,
+pub(crate) struct Mirrors {
+    pub(crate) archive: String,
     security: Option<String>,
 }
 
 impl Mirrors {
     /// `OBSERVER_VM_MIRROR`, else the mirrors the host's apt uses for bookworm.
-    fn find() -> Result<Mirrors> {
+    pub(crate) fn find() -> Result<Mirrors> {
         let mut text = String::new();
         for source in APT_SOURCES {
             let path = Path::new(source);
