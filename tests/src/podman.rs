@@ -32,7 +32,11 @@ pub struct Podman {
 
 impl Podman {
     /// Creates the private directory and its configuration. Needs root and `podman` on PATH.
-    pub fn new() -> Result<Podman, SandboxError> {
+    ///
+    /// `host_pid`: containers join the host's PID namespace by default. podman 4.3's
+    /// `kube play` ignores a pod's `hostPID: true` (its containers get a PID namespace of their
+    /// own), and this default is how a test gives a pod that asks for it what it asks for.
+    pub fn new(host_pid: bool) -> Result<Podman, SandboxError> {
         if process::find_on_path("podman").is_none() {
             return Err(SandboxError::MissingTool {
                 tool: "podman",
@@ -54,6 +58,7 @@ impl Podman {
         let conf = format!(
             "[containers]\n\
              default_ulimits = [\"nofile=1024:1024\", \"nproc=1024:1024\"]\n\
+             pidns = \"{pidns}\"\n\
              \n\
              [engine]\n\
              cgroup_manager = \"cgroupfs\"\n\
@@ -61,7 +66,8 @@ impl Podman {
              events_logfile_path = \"{dir}/events.log\"\n\
              tmp_dir = \"{dir}/tmp\"\n\
              volume_path = \"{dir}/volumes\"\n",
-            dir = podman.dir.display()
+            dir = podman.dir.display(),
+            pidns = if host_pid { "host" } else { "private" },
         );
         let path = podman.dir.join("containers.conf");
         fs::write(&path, conf)
