@@ -377,7 +377,10 @@ fn the_daemonset_pod_watches_and_restarts_containerd() {
         d["state"] == "healthy"
     });
     assert_eq!(doc["mode"], "fused", "the kernel programs load: {doc}");
-    assert_ne!(doc["observer"]["pid"], 1, "hostPID: the agent sees host PIDs: {doc}");
+    assert_ne!(
+        doc["observer"]["pid"], 1,
+        "hostPID: the agent sees host PIDs: {doc}"
+    );
     for sensor in ["process_exit", "exit_cause", "accept_queue"] {
         assert_eq!(doc["sensors"][sensor]["state"], "on", "{sensor}: {doc}");
     }

@@ -165,10 +165,8 @@ fn rule_file() -> Value {
     json!({"groups": doc["spec"]["groups"]})
 }
 
-fn alert(name: &str, labels: Value, summary: String, description: &str) -> Value {
-    let mut exp_labels = labels;
-    exp_labels["instance"] = json!(exp_labels["instance"]);
-    json!({"exp_labels": exp_labels, "exp_annotations": {"summary": summary, "description": description}, "alertname": name})
+fn alert(labels: Value, summary: String, description: &str) -> Value {
+    json!({"exp_labels": labels, "exp_annotations": {"summary": summary, "description": description}})
 }
 
 /// The description of `alert` in the rule file, folded as YAML folds it.
@@ -307,10 +305,10 @@ fn alerts_fire_on_series_scraped_through_a_crash_and_a_freeze() {
             "input_series": input,
             "alert_rule_test": [
                 {"eval_time": at, "alertname": "ContainerdCrashed", "exp_alerts": [
-                    alert("ContainerdCrashed", labels(json!({"severity": "warning", "verdict": "crashed"})),
+                    alert(labels(json!({"severity": "warning", "verdict": "crashed"})),
                         format!("containerd crashed on {instance}"), &description(&rules, "ContainerdCrashed"))]},
                 {"eval_time": at, "alertname": "ContainerdHung", "exp_alerts": [
-                    alert("ContainerdHung", labels(json!({"severity": "warning", "verdict": "hung"})),
+                    alert(labels(json!({"severity": "warning", "verdict": "hung"})),
                         format!("containerd hung on {instance}"), &description(&rules, "ContainerdHung"))]},
                 // Both were repaired at once: nothing failed, nothing was given up, and a
                 // crash repaired in 100 ms is not a node that stopped serving.
