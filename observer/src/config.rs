@@ -162,6 +162,9 @@ pub struct RunArgs {
     /// How long a hung stop may take before systemd is asked to SIGKILL the main process [default: 10s]
     #[arg(long, env = "OBSERVER_KILL_GRACE", value_name = "DUR", value_parser = parse_duration)]
     pub kill_grace: Option<Duration>,
+    /// How long to wait for containerd's goroutine dump before restarting a hung containerd [default: 500ms]
+    #[arg(long, env = "OBSERVER_STACK_DUMP_WAIT", value_name = "DUR", value_parser = parse_duration)]
+    pub stack_dump_wait: Option<Duration>,
     /// Consecutive failed probes that make a hang when there is no kernel evidence [default: 3]
     #[arg(long, env = "OBSERVER_FAILURES_TO_HANG", value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub failures_to_hang: Option<u32>,
@@ -363,6 +366,7 @@ struct FileConfig {
     no_kubernetes: Option<Spanned<bool>>,
     pause_file: Option<Spanned<PathBuf>>,
     kill_grace: Option<Spanned<HumanDuration>>,
+    stack_dump_wait: Option<Spanned<HumanDuration>>,
     failures_to_hang: Option<Spanned<u32>>,
     restart_backoff: Option<Spanned<HumanDuration>>,
     max_restarts: Option<Spanned<u32>>,
@@ -393,6 +397,8 @@ pub struct Settings {
     pub dry_run: bool,
     pub pause_file: PathBuf,
     pub kill_grace: Duration,
+    /// How long the goroutine dump of a hung containerd is waited for before its restart.
+    pub stack_dump_wait: Duration,
     pub failures_to_hang: u32,
     pub restart_backoff: Duration,
     pub max_restarts: u32,
@@ -692,6 +698,13 @@ impl Settings {
                 args.kill_grace,
                 file.kill_grace,
                 Duration::from_secs(10),
+            )
+            .value,
+            stack_dump_wait: duration(
+                "stack-dump-wait",
+                args.stack_dump_wait,
+                file.stack_dump_wait,
+                Duration::from_millis(500),
             )
             .value,
             failures_to_hang: at_least_one(at.pick(

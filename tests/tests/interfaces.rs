@@ -84,7 +84,15 @@ fn assert_status_schema(doc: &Value) {
             "unit_state",
             "restart_budget",
             "paused",
+            "bus",
+            "config_problem",
         ],
+    );
+    assert_keys(
+        doc,
+        "bus",
+        &doc["bus"],
+        &["connected", "since", "reconnects", "last_error"],
     );
     assert_keys(
         doc,
@@ -410,6 +418,8 @@ fn metrics_parse_and_count_a_crash_restart() {
         ("containerd_observer_restarts", ("counter", None)),
         ("containerd_observer_actions", ("counter", None)),
         ("containerd_observer_state", ("gauge", None)),
+        ("containerd_observer_bus_connected", ("gauge", None)),
+        ("containerd_observer_bus_reconnects", ("counter", None)),
         ("containerd_observer_build", ("info", None)),
     ]
     .into_iter()

@@ -15,6 +15,12 @@
 //! - without kernel evidence, `failures_to_hang` consecutive failed probes make a hang
 //!   (timeouts) or an unreachable containerd (connection refused, socket missing);
 //! - a probe that answers, however slowly, makes containerd healthy: slow is not hung;
+//! - until containerd has answered once, failed probes alone never make a restart: they
+//!   could come from the observer's own configuration (a `--socket` where nothing listens,
+//!   a permission error). Only evidence tied to containerd's process counts then: its exit,
+//!   or a stall on a listener the kernel ties to its main process
+//!   ([`Detector::set_listener_owned`]). [`Detector::unanswered`] tells the agent to report a
+//!   configuration problem instead;
 //! - while a restart is in flight, nothing triggers another one.
 
 use std::time::{Duration, Instant};
@@ -184,6 +190,10 @@ pub struct Detector {
     /// Evidence of a stalled accept loop, while it stands.
     stall: Option<Evidence>,
     last_confirm: Option<Instant>,
+    /// Whether containerd ever answered a probe on the configured socket.
+    answered: bool,
+    /// Whether the kernel ties the watched listener to containerd's main process.
+    listener_owned: bool,
     /// Verdicts not yet taken by [`Detector::take_verdicts`].
     new_verdicts: Vec<Verdict>,
 }
@@ -198,8 +208,32 @@ impl Detector {
             restart_in_flight: false,
             stall: None,
             last_confirm: None,
+            answered: false,
+            listener_owned: false,
             new_verdicts: Vec::new(),
         }
+    }
+
+    /// Tells the detector whether the listener whose queue it is shown belongs to
+    /// containerd's main process, as the kernel sees it (the socket's inode among the
+    /// process's file descriptors). Before containerd's first answer, only a stall on such a
+    /// listener counts.
+    pub fn set_listener_owned(&mut self, owned: bool) {
+        self.listener_owned = owned;
+    }
+
+    /// Whether containerd has answered a probe yet.
+    pub fn answered(&self) -> bool {
+        self.answered
+    }
+
+    /// Probes failed often enough to act on, but containerd has never answered and nothing
+    /// ties the failures to its process: the observer waits, and the agent reports a
+    /// configuration problem.
+    pub fn unanswered(&self) -> bool {
+        !self.answered
+            && self.failed_probes.len() as u32 >= self.config.failures_to_hang
+            && !self.restart_in_flight
     }
 
     pub fn state(&self) -> State {
@@ -220,6 +254,7 @@ impl Detector {
         match observation {
             Observation::ProbeSucceeded { latency, version } => {
                 self.failed_probes.clear();
+                self.answered = true;
                 if self.state != State::Healthy && !self.restart_in_flight {
                     let evidence = Evidence {
                         source: Source::Probe,
@@ -246,7 +281,12 @@ impl Detector {
                 if self.restart_in_flight || matches!(self.state, State::Crashed | State::Stopped) {
                     return Decision::Wait;
                 }
-                if let Some(stall) = &self.stall
+                // Before containerd's first answer, a stall counts only on its own listener.
+                let stall = self
+                    .stall
+                    .as_ref()
+                    .filter(|_| self.answered || self.listener_owned);
+                if let Some(stall) = stall
                     && failure != ProbeFailure::Refused
                 {
                     let mut evidence = vec![stall.clone()];
@@ -256,7 +296,7 @@ impl Detector {
                     return Decision::Restart(verdict);
                 }
                 let failures = self.failed_probes.len() as u32;
-                if failures < self.config.failures_to_hang {
+                if failures < self.config.failures_to_hang || !self.answered {
                     if self.state != State::Suspect {
                         let first = self.failed_probes[0].at;
                         self.record(now, State::Suspect, first, self.failed_probes.clone());
@@ -770,5 +810,76 @@ mod tests {
         d.observe(t0, Observation::RestartStarted);
         assert_eq!(d.observe(t0, pending(Some(5000))), Decision::Wait);
         assert_eq!(d.state(), State::Recovering);
+    }
+
+    /// A detector that has never seen containerd answer (a wrong `--socket`, say).
+    fn unanswered_detector() -> Detector {
+        let mut d = Detector::new(DetectorConfig::default());
+        d.set_main_pid(Some(100));
+        d
+    }
+
+    #[test]
+    fn failed_probes_alone_never_restart_a_containerd_never_seen_answer() {
+        let t0 = Instant::now();
+        for failure in [
+            ProbeFailure::Refused,
+            ProbeFailure::Timeout,
+            ProbeFailure::Error,
+        ] {
+            let mut d = unanswered_detector();
+            for i in 0..20u64 {
+                let t = t0 + ms(i * 2000);
+                assert_eq!(d.observe(t, failed(t, failure)), Decision::Wait, "{failure:?}");
+            }
+            assert!(d.unanswered(), "{failure:?}: reported as a configuration problem");
+            assert_eq!(d.state(), State::Suspect);
+            // One answer later, the usual rules hold again.
+            d.observe(t0 + ms(50_000), ok());
+            assert!(!d.unanswered());
+            let mut decision = Decision::Wait;
+            for i in 0..3u64 {
+                let t = t0 + ms(60_000 + i * 2000);
+                decision = d.observe(t, failed(t, failure));
+            }
+            assert!(matches!(decision, Decision::Restart(_)), "{failure:?}");
+        }
+    }
+
+    #[test]
+    fn before_the_first_answer_an_exit_is_still_a_crash() {
+        let t0 = Instant::now();
+        let mut d = unanswered_detector();
+        for i in 0..5u64 {
+            d.observe(t0 + ms(i), failed(t0 + ms(i), ProbeFailure::Refused));
+        }
+        let Decision::Restart(v) = d.observe(t0 + ms(10), exit(100, t0 + ms(9))) else {
+            panic!("an exit of the main process is evidence tied to the process");
+        };
+        assert_eq!(v.state, State::Crashed);
+    }
+
+    #[test]
+    fn before_the_first_answer_only_a_stall_on_containerds_own_listener_counts() {
+        let t0 = Instant::now();
+        // A listener the kernel does not tie to containerd's process: no hang.
+        let mut d = unanswered_detector();
+        d.observe(t0, pending(Some(500)));
+        d.observe(t0 + ms(600), pending(Some(1100)));
+        assert_eq!(
+            d.observe(t0 + ms(1500), failed(t0 + ms(500), ProbeFailure::Timeout)),
+            Decision::Wait
+        );
+        // The same on containerd's own listener: a hang.
+        let mut d = unanswered_detector();
+        d.set_listener_owned(true);
+        d.observe(t0, pending(Some(500)));
+        d.observe(t0 + ms(600), pending(Some(1100)));
+        let Decision::Restart(v) =
+            d.observe(t0 + ms(1500), failed(t0 + ms(500), ProbeFailure::Timeout))
+        else {
+            panic!("a stall on containerd's own listener is evidence tied to the process");
+        };
+        assert_eq!(v.state, State::Hung);
     }
 }

@@ -3,13 +3,15 @@
 //! Before acting it reads the unit as systemd sees it and never fights it: a unit systemd is
 //! already restarting is left to systemd, a unit an operator stopped stays stopped. [`plan`]
 //! is that rule, free of I/O. A restart of a hung containerd escalates: an optional goroutine
-//! dump (`SIGUSR1`), `RestartUnit(replace)`, and, if the stop hangs past a bounded grace, a
+//! dump (`SIGUSR1`), `RestartUnit(fail)`, and, if the stop hangs past a bounded grace, a
 //! `SIGKILL` of the main process through systemd rather than waiting out `TimeoutStopSec`.
 
 use std::{
     path::PathBuf,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
+#[cfg(test)]
+use std::path::Path;
 
 use serde::Serialize;
 use tracing::{info, warn};
@@ -17,6 +19,7 @@ use tracing::{info, warn};
 use crate::{
     act::systemd::{Systemd, SystemdError, UnitStatus},
     judge::detector::State,
+    sense::process::ProcessIdentity,
 };
 
 #[derive(Debug, Clone)]
@@ -27,6 +30,8 @@ pub struct ActuatorConfig {
     pub job_timeout: Duration,
     /// Ask a hung containerd for its goroutine dump before restarting it.
     pub dump_stacks: bool,
+    /// How long to wait for that dump before the restart.
+    pub stack_dump_wait: Duration,
     /// How long to wait for systemd to notice a crash before judging the unit's state.
     pub settle: Duration,
 }
@@ -37,6 +42,7 @@ impl Default for ActuatorConfig {
             kill_grace: Duration::from_secs(10),
             job_timeout: Duration::from_secs(120),
             dump_stacks: true,
+            stack_dump_wait: Duration::from_millis(500),
             settle: Duration::from_secs(2),
         }
     }
@@ -85,18 +91,27 @@ pub async fn settled_status(
     }
 }
 
+/// Prepares the restart of a hung containerd: asks it for its goroutine dump (when
+/// configured) and waits for it up to `stack_dump_wait`. Returns what became of the dump.
+pub async fn prepare(
+    systemd: &Systemd,
+    config: &ActuatorConfig,
+    verdict: State,
+    main: Option<ProcessIdentity>,
+) -> Option<StackDump> {
+    if !config.dump_stacks || verdict != State::Hung {
+        return None;
+    }
+    Some(request_stack_dump(systemd, main, config.stack_dump_wait).await)
+}
+
 /// Restarts the unit, escalating as the verdict warrants, and waits for systemd's result.
 pub async fn restart(
     systemd: &Systemd,
     config: &ActuatorConfig,
-    verdict: State,
-    main_pid: Option<u32>,
+    mut stack_dump: Option<StackDump>,
 ) -> RestartOutcome {
     let started = Instant::now();
-    let mut stack_dump = None;
-    if config.dump_stacks && verdict == State::Hung {
-        stack_dump = Some(request_stack_dump(systemd, main_pid).await);
-    }
     let mut killed_main = false;
     let (job_result, error) = match systemd.begin_restart().await {
         Err(e) => ("error".to_owned(), Some(e.to_string())),
@@ -130,73 +145,150 @@ pub async fn restart(
     let new_pid = systemd.status().await.ok().and_then(|s| s.main_pid);
     // A frozen containerd handles SIGUSR1 only once systemd's stop wakes it (SIGCONT): the
     // dump may have appeared during the restart.
-    if let (Some(note), Some(pid)) = (&mut stack_dump, main_pid)
-        && note.starts_with("SIGUSR1 sent; no dump")
-    {
-        let file = stack_dump_path(pid);
-        if file.exists() {
-            *note = format!(
-                "written to {} and containerd's log while it was being stopped",
-                file.display()
-            );
-        }
+    if let Some(dump) = &mut stack_dump {
+        dump.look_again();
     }
     RestartOutcome {
         job_result,
         error,
         duration: started.elapsed(),
         new_pid,
-        stack_dump,
+        stack_dump: stack_dump.map(|d| d.note),
         killed_main,
+    }
+}
+
+/// A goroutine dump asked for, and where it went.
+#[derive(Debug)]
+pub struct StackDump {
+    /// What became of it, in words.
+    pub note: String,
+    /// Where to look for it again, while it has not appeared yet.
+    pending: Option<DumpFile>,
+}
+
+/// The dump file of one containerd process: `<tmp>/containerd.<pid>.stacks.log` in that
+/// process's own `/tmp`, which in a DaemonSet's pod (or with `PrivateTmp=`) is not ours.
+#[derive(Debug)]
+struct DumpFile {
+    /// The path as containerd names it, for people.
+    shown: PathBuf,
+    /// containerd's `/tmp`, opened through `/proc/<pid>/root` while the process lived: it
+    /// stays reachable through this handle after the process exits.
+    tmp: std::fs::File,
+    name: String,
+    /// When SIGUSR1 was sent: a file older than that is an earlier process's (same PID).
+    asked_at: SystemTime,
+}
+
+impl DumpFile {
+    fn open(main: &ProcessIdentity, asked_at: SystemTime) -> std::io::Result<Self> {
+        let tmp = std::fs::File::open(main.root_path("/tmp"))?;
+        Ok(Self {
+            shown: stack_dump_path(main.pid),
+            tmp,
+            name: format!("containerd.{}.stacks.log", main.pid),
+            asked_at,
+        })
+    }
+
+    /// Whether the dump is there, written after it was asked for.
+    fn written(&self) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let path = format!("/proc/self/fd/{}/{}", self.tmp.as_raw_fd(), self.name);
+        std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|modified| modified >= self.asked_at - Duration::from_secs(1))
+    }
+}
+
+impl StackDump {
+    fn done(note: String) -> Self {
+        Self {
+            note,
+            pending: None,
+        }
+    }
+
+    /// Looks for a dump not found before; notes it if it appeared meanwhile.
+    fn look_again(&mut self) {
+        if let Some(file) = self.pending.take_if(|file| file.written()) {
+            self.note = format!(
+                "written to {} (in containerd's /tmp) and containerd's log while it was being stopped",
+                file.shown.display()
+            );
+        }
     }
 }
 
 /// Asks containerd for its goroutine dump and says where it went. containerd 1.6 writes it
 /// to its log and to `<tmp>/containerd.<pid>.stacks.log`; a frozen process cannot answer.
-async fn request_stack_dump(systemd: &Systemd, pid: Option<u32>) -> String {
-    if let Err(e) = systemd.kill_main(libc::SIGUSR1).await {
-        return format!("could not send SIGUSR1: {e}");
-    }
-    let Some(pid) = pid else {
-        return "SIGUSR1 sent; the main PID is unknown, so the dump file cannot be named".into();
+async fn request_stack_dump(
+    systemd: &Systemd,
+    main: Option<ProcessIdentity>,
+    wait: Duration,
+) -> StackDump {
+    let Some(main) = main else {
+        return StackDump::done(
+            "no SIGUSR1 sent: the main PID is unknown, so the dump file cannot be named".into(),
+        );
     };
-    let file = stack_dump_path(pid);
-    if let Some(state) = stopped_state(pid) {
+    // The PID came from systemd a while ago: check it still names that process before its
+    // files are trusted (systemd signals the unit's current main process either way).
+    if !main.is_current() {
+        return StackDump::done(format!(
+            "no SIGUSR1 sent: PID {} no longer names the process systemd reported",
+            main.pid
+        ));
+    }
+    let asked_at = SystemTime::now();
+    let file = DumpFile::open(&main, asked_at);
+    if let Err(e) = systemd.kill_main(libc::SIGUSR1).await {
+        return StackDump::done(format!("could not send SIGUSR1: {e}"));
+    }
+    let file = match file {
+        Ok(file) => file,
+        Err(e) => {
+            return StackDump::done(format!(
+                "SIGUSR1 sent; containerd's /tmp cannot be read through /proc/{}/root ({e}): the dump is in its log only",
+                main.pid
+            ));
+        }
+    };
+    if let Some(state) = main.state().filter(|s| matches!(s, 'T' | 't')) {
         // A stopped process handles SIGUSR1 only once systemd's stop sends SIGCONT: waiting
         // here would only delay the restart.
-        return format!(
-            "SIGUSR1 sent; no dump yet: containerd is stopped (state {state}), so it can write one only while systemd stops it"
-        );
+        return StackDump {
+            note: format!(
+                "SIGUSR1 sent; no dump yet: containerd is stopped (state {state}), so it can write one only while systemd stops it"
+            ),
+            pending: Some(file),
+        };
     }
-    let deadline = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < deadline {
-        if file.exists() {
-            info!(path = %file.display(), "goroutine dump written");
-            return format!("written to {} and containerd's log", file.display());
+    let deadline = Instant::now() + wait;
+    loop {
+        if file.written() {
+            info!(path = %file.shown.display(), "goroutine dump written");
+            return StackDump::done(format!(
+                "written to {} (in containerd's /tmp) and containerd's log",
+                file.shown.display()
+            ));
+        }
+        if Instant::now() >= deadline {
+            break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    format!(
-        "SIGUSR1 sent; no dump at {} within 500 ms (a frozen containerd cannot write one; with PrivateTmp it lands in the unit's private /tmp)",
-        file.display()
-    )
+    StackDump {
+        note: format!(
+            "SIGUSR1 sent; no dump at {} within {wait:?} (a frozen containerd cannot write one)",
+            file.shown.display()
+        ),
+        pending: Some(file),
+    }
 }
 
-/// The process's state letter from `/proc/<pid>/stat` when it is stopped (`T`) or stopped
-/// by a tracer (`t`); `None` when it runs, sleeps, or cannot be read.
-fn stopped_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    process_state(&stat).filter(|state| matches!(state, 'T' | 't'))
-}
-
-/// The state field of a `/proc/<pid>/stat` line: the first field after the command name,
-/// which is in parentheses and may itself hold spaces and parentheses.
-fn process_state(stat: &str) -> Option<char> {
-    let (_, rest) = stat.rsplit_once(')')?;
-    rest.trim_start().chars().next()
-}
-
-/// Where containerd 1.6 writes its goroutine dump, besides its log.
+/// Where containerd 1.6 writes its goroutine dump, besides its log, in its own `/tmp`.
 fn stack_dump_path(pid: u32) -> PathBuf {
     PathBuf::from(format!("/tmp/containerd.{pid}.stacks.log"))
 }
@@ -206,15 +298,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn process_state_is_read_after_the_last_parenthesis() {
-        assert_eq!(process_state("42 (containerd) T 1 42 42 0"), Some('T'));
-        assert_eq!(process_state("42 (a) b (c)) S 1"), Some('S'));
-        assert_eq!(process_state("42 (truncated"), None);
-        assert_eq!(process_state(""), None);
-    }
-
-    #[test]
-    fn our_own_running_process_is_not_stopped() {
-        assert_eq!(stopped_state(std::process::id()), None);
+    fn a_dump_file_older_than_the_request_is_not_the_dump() {
+        let me = ProcessIdentity::of(std::process::id()).expect("our /proc entry");
+        let name = format!("containerd.{}.stacks.log", me.pid);
+        let path = std::env::temp_dir().join(&name);
+        std::fs::write(&path, "old dump").unwrap();
+        let later = SystemTime::now() + Duration::from_secs(60);
+        let stale = DumpFile::open(&me, later).expect("our own /tmp");
+        let fresh = DumpFile::open(&me, SystemTime::now() - Duration::from_secs(5)).unwrap();
+        let (stale_written, fresh_written) = (stale.written(), fresh.written());
+        std::fs::remove_file(&path).unwrap();
+        if std::env::temp_dir() == Path::new("/tmp") {
+            assert!(!stale_written, "a file from before SIGUSR1 belongs to an earlier process");
+            assert!(fresh_written, "found through /proc/<pid>/root/tmp");
+        }
     }
 }

@@ -3,6 +3,11 @@
 //!
 //! The agent never signals or spawns containerd itself for a restart; it asks systemd, which
 //! owns the unit, and waits for the job's result (`JobRemoved`).
+//!
+//! Every call has a deadline ([`CALL_DEADLINE`]): a bus or a manager that stops answering
+//! fails the call instead of holding up the agent. A lost connection (the bus daemon
+//! restarted) or a manager that left the bus (`daemon-reexec`) ends [`Systemd::changes`], and
+//! the agent connects again.
 
 use std::time::Duration;
 
@@ -11,6 +16,13 @@ use zbus::{Connection, proxy, zvariant::OwnedObjectPath};
 
 use crate::config::Bus;
 pub use judge::policy::UnitStatus;
+
+/// How long any one D-Bus call may take. systemd answers from memory in milliseconds; a call
+/// that takes longer is stuck behind a manager that is busy re-executing or a bus that went away.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The name systemd's manager owns on the bus.
+const MANAGER_NAME: &str = "org.freedesktop.systemd1";
 
 #[proxy(
     interface = "org.freedesktop.systemd1.Manager",
@@ -46,6 +58,20 @@ pub enum SystemdError {
     NotLoaded { unit: String, load_state: String },
     #[error("systemd did not finish the restart job {job} within {timeout:?}")]
     JobTimeout { job: String, timeout: Duration },
+    #[error(
+        "no answer from the {bus} D-Bus within {CALL_DEADLINE:?} while connecting; check that D-Bus and systemd run"
+    )]
+    ConnectTimeout { bus: Bus },
+}
+
+/// What [`Systemd::changes`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BusEvent {
+    /// A property of the unit changed (`MainPID`, `ActiveState`, …).
+    UnitChanged,
+    /// systemd's manager left the bus or came back (`daemon-reexec`, a restart of the
+    /// manager): its subscriptions must be made again.
+    ManagerChanged,
 }
 
 /// A connection to systemd's manager, scoped to the unit running containerd.
@@ -58,8 +84,16 @@ pub struct Systemd {
 }
 
 impl Systemd {
-    /// Connects to the bus and checks that the unit is loaded.
+    /// Connects to the bus and checks that the unit is loaded, within [`CALL_DEADLINE`] for
+    /// each step.
     pub async fn connect(bus: &Bus, unit: &str) -> Result<Self, SystemdError> {
+        match tokio::time::timeout(CALL_DEADLINE * 2, Self::connect_unbounded(bus, unit)).await {
+            Ok(result) => result,
+            Err(_) => Err(SystemdError::ConnectTimeout { bus: bus.clone() }),
+        }
+    }
+
+    async fn connect_unbounded(bus: &Bus, unit: &str) -> Result<Self, SystemdError> {
         let connect_err = |source| SystemdError::Connect {
             bus: bus.clone(),
             source,
@@ -70,7 +104,11 @@ impl Systemd {
             Bus::Address(a) => zbus::connection::Builder::address(a.as_str()),
         }
         .map_err(connect_err)?;
-        let connection = builder.build().await.map_err(connect_err)?;
+        let connection = builder
+            .method_timeout(CALL_DEADLINE)
+            .build()
+            .await
+            .map_err(connect_err)?;
         let manager = ManagerProxy::new(&connection)
             .await
             .map_err(|source| call("a proxy for the manager", source))?;
@@ -110,7 +148,9 @@ impl Systemd {
             .map_err(|source| call(&format!("KillUnit({}, main, {signal})", self.unit), source))
     }
 
-    /// `RestartUnit(unit, "replace")`: returns the queued job, to wait on.
+    /// `RestartUnit(unit, "fail")`: returns the queued job, to wait on. Mode `fail` makes
+    /// systemd refuse the restart while another job is queued on the unit, so a `systemctl
+    /// stop` that an operator issued meanwhile wins: it is never replaced by our restart.
     pub async fn begin_restart(&self) -> Result<RestartJob, SystemdError> {
         // Listen before asking, so the job cannot finish unseen.
         let removed = self
@@ -120,11 +160,25 @@ impl Systemd {
             .map_err(|source| call("a match on JobRemoved", source))?;
         let job = self
             .manager
-            .restart_unit(&self.unit, "replace")
+            .restart_unit(&self.unit, "fail")
             .await
-            .map_err(|source| call(&format!("RestartUnit({}, replace)", self.unit), source))?;
+            .map_err(|source| call(&format!("RestartUnit({}, fail)", self.unit), source))?;
         Ok(RestartJob { job, removed })
     }
+}
+
+/// Whether systemd's manager owns its name on the bus now.
+pub(crate) async fn manager_changes(
+    connection: &Connection,
+) -> Result<impl futures_util::Stream<Item = BusEvent> + Send + 'static, SystemdError> {
+    let dbus = zbus::fdo::DBusProxy::new(connection)
+        .await
+        .map_err(|source| call("a proxy for the bus", source))?;
+    let changes = dbus
+        .receive_name_owner_changed_with_args(&[(0, MANAGER_NAME)])
+        .await
+        .map_err(|source| call("a match on NameOwnerChanged", source))?;
+    Ok(changes.map(|_| BusEvent::ManagerChanged))
 }
 
 /// A restart job systemd is running.

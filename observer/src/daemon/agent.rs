@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     act::restart::{self, ActuatorConfig, RestartOutcome},
-    act::systemd::{Systemd, UnitStatus},
+    act::systemd::{BusEvent, CALL_DEADLINE, Systemd, UnitStatus},
     config::Settings,
     daemon::health::Health,
     daemon::notify::Notifier,
@@ -27,14 +27,19 @@ use crate::{
     judge::policy::{self, Action, Plan, Switches},
     report::metrics::{Metrics, state_label},
     report::status::{
-        self, ActionRecord, BudgetRecord, Endpoint, ExitRecord, LatencyRecord, ObserverRecord,
+        self, ActionRecord, BudgetRecord, BusRecord, Endpoint, ExitRecord, LatencyRecord, ObserverRecord,
         PendingRecord, ProbeRecord, RefreshRequest, RestartRecord, StatusDocument, VerdictRecord,
         WallClock, millis, push_action, push_bounded,
     },
     sense::kernel::{KernelAccept, KernelEvent, KernelExit},
+    sense::listener::{self, Ownership},
     sense::probe::{self, ProbeResult},
+    sense::process::ProcessIdentity,
     sense::sensors::Sensors,
 };
+
+/// The stream of systemd's signals the agent follows; it ends when the bus connection is lost.
+type BusEvents = std::pin::Pin<Box<dyn futures_util::Stream<Item = BusEvent> + Send>>;
 
 /// What the actuator's task came back with.
 struct ActionResult {
@@ -57,6 +62,12 @@ const UNIT_REREAD_INTERVAL: Duration = Duration::from_secs(10);
 const LATENCY_WINDOW: Duration = Duration::from_secs(60);
 /// Recent signals kept to name an exit's cause.
 const SIGNAL_HISTORY: usize = 64;
+/// First and longest wait between two attempts to connect to systemd again.
+const RECONNECT_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(5));
+/// How often, until containerd first answers, the agent asks the kernel whether the
+/// listener at `--socket` is containerd's.
+const OWNERSHIP_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How long shutdown waits for a restart in flight to finish before recording it as
 /// interrupted (systemd carries on with the job either way).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -128,6 +139,13 @@ pub async fn run(
             window_s: budget_config(&settings).window.as_secs_f64(),
         },
         paused: false,
+        bus: BusRecord {
+            connected: true,
+            since: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            reconnects: 0,
+            last_error: None,
+        },
+        config_problem: None,
     });
     let (refresh_tx, mut refresh_rx) = mpsc::channel::<RefreshRequest>(16);
     let endpoint = Endpoint {
@@ -151,7 +169,11 @@ pub async fn run(
 
     let mut agent = Agent {
         settings: &settings,
-        systemd,
+        systemd: Some(systemd),
+        health: health.clone(),
+        bus_lost: None,
+        main_identity: None,
+        ownership_checked: None,
         sensors,
         detector,
         status: status_tx,
@@ -166,6 +188,7 @@ pub async fn run(
         actuator: ActuatorConfig {
             kill_grace: settings.kill_grace,
             dump_stacks: settings.dump_stacks,
+            stack_dump_wait: settings.stack_dump_wait,
             ..ActuatorConfig::default()
         },
         deferred: None,
@@ -173,16 +196,10 @@ pub async fn run(
     };
     agent.refresh_unit().await;
     // systemd tells us at once when the unit changes (a new main PID after a restart by
-    // systemd or an operator), so the sensors follow without waiting for the next tick.
-    let mut unit_changes = match agent.systemd.unit_changes().await {
-        Ok(stream) => Some(Box::pin(stream)),
-        Err(e) => {
-            warn!(
-                "cannot follow the unit's changes as they happen ({e}); reading them every probe interval"
-            );
-            None
-        }
-    };
+    // systemd or an operator), so the sensors follow without waiting for the next tick; the
+    // stream's end says that the bus connection is lost.
+    let mut bus_events = agent.follow_bus().await;
+    let (reconnected_tx, mut reconnected_rx) = mpsc::channel::<Systemd>(1);
 
     let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(4);
     let (restart_tx, mut restart_rx) = mpsc::channel::<ActionResult>(1);
@@ -221,9 +238,10 @@ pub async fn run(
             _ = probe_timer.tick() => {
                 // systemd's signals bring every change of the unit; reading it now and then
                 // anyway covers a signal lost on the bus.
-                if unit_changes.is_none() || agent.unit_read_at.elapsed() >= UNIT_REREAD_INTERVAL {
+                if bus_events.is_none() || agent.unit_read_at.elapsed() >= UNIT_REREAD_INTERVAL {
                     agent.refresh_unit().await;
                 }
+                agent.check_ownership();
                 Decision::ProbeNow
             }
             Some(result) = restart_rx.recv() => {
@@ -232,8 +250,26 @@ pub async fn run(
                 probe_timer.reset();
                 Decision::ProbeNow
             }
-            Some(()) = next_change(&mut unit_changes) => {
+            event = next_change(&mut bus_events) => {
+                match event {
+                    Some(BusEvent::UnitChanged) => agent.refresh_unit().await,
+                    // systemd re-executed or left the bus: its signals and our view of the
+                    // unit are to be made again, on a fresh connection.
+                    Some(BusEvent::ManagerChanged) => {
+                        agent.bus_lost = Some("systemd's manager left or rejoined the bus (daemon-reexec?)".into());
+                    }
+                    None => agent.bus_lost = Some("the D-Bus connection closed".into()),
+                }
+                Decision::Wait
+            }
+            Some(systemd) = reconnected_rx.recv() => {
+                agent.systemd = Some(systemd);
+                // Listen first, then read, so that no change falls between the two.
+                bus_events = agent.follow_bus().await;
                 agent.refresh_unit().await;
+                if bus_events.is_some() && agent.bus_lost.is_none() {
+                    agent.on_bus_connected();
+                }
                 Decision::Wait
             }
             _ = sleep_until_or_never(agent.deferred.as_ref().map(|(_, at)| *at)) => {
@@ -253,13 +289,19 @@ pub async fn run(
                 Decision::Wait
             }
         };
+        if let Some(reason) = agent.bus_lost.take()
+            && agent.systemd.is_some()
+        {
+            bus_events = None;
+            agent.on_bus_lost(reason, reconnected_tx.clone());
+        }
         agent.publish_verdicts();
         // The agent's own health: only a turning loop pets systemd's watchdog.
         let now = Instant::now();
         health.beat(now);
         notifier.pet_if_due(now);
         let state = agent.detector.state();
-        if notified != Some(state) && health.readiness().is_ok() {
+        if notified != Some(state) && health.started() {
             let line = format!("containerd is {}", state_label(state));
             if notified.is_none() {
                 info!("observer ready: sensors started and the first probe finished");
@@ -299,14 +341,109 @@ fn budget_config(settings: &Settings) -> BudgetConfig {
     }
 }
 
-/// The next change of the unit, or never when changes are not followed.
-async fn next_change(
-    changes: &mut Option<std::pin::Pin<Box<impl futures_util::Stream<Item = ()>>>>,
-) -> Option<()> {
+/// The next event from systemd, `None` once the connection is lost, or never while there is
+/// no connection.
+async fn next_change(events: &mut Option<BusEvents>) -> Option<BusEvent> {
     use futures_util::StreamExt as _;
-    match changes {
+    match events {
         Some(stream) => stream.next().await,
         None => std::future::pending().await,
+    }
+}
+
+/// Connects to systemd again, with a growing wait between attempts, until it answers or the
+/// agent stops listening.
+async fn reconnect(bus: crate::config::Bus, unit: String, connected: mpsc::Sender<Systemd>) {
+    let (mut wait, longest) = RECONNECT_BACKOFF;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = connected.closed() => return,
+        }
+        match Systemd::connect(&bus, &unit).await {
+            Ok(systemd) => {
+                let _ = connected.send(systemd).await;
+                return;
+            }
+            Err(e) => {
+                debug!("connecting to systemd again failed, next attempt in {wait:?}: {e}");
+                wait = (wait * 2).min(longest);
+            }
+        }
+    }
+}
+
+/// The actuator's steps: reads the unit once systemd has noticed a crash, plans, prepares a
+/// hung containerd's restart (its goroutine dump), then looks at the unit again before it
+/// restarts: an operator's `systemctl stop` issued meanwhile wins.
+async fn carry_out(
+    systemd: Systemd,
+    config: ActuatorConfig,
+    verdict: State,
+    dead_pid: Option<u32>,
+    main: Option<ProcessIdentity>,
+) -> ActionResult {
+    let unit = match restart::settled_status(&systemd, dead_pid, config.settle).await {
+        Ok(unit) => unit,
+        Err(e) => {
+            warn!("cannot read the unit before acting: {e}");
+            UnitStatus::default()
+        }
+    };
+    let plan = policy::plan(verdict, &unit, dead_pid);
+    if plan != Plan::Restart {
+        return ActionResult {
+            plan,
+            unit,
+            restart: None,
+        };
+    }
+    let dump = restart::prepare(&systemd, &config, verdict, main).await;
+    let unit = systemd.status().await.unwrap_or(unit);
+    let plan = policy::plan(verdict, &unit, dead_pid);
+    if plan != Plan::Restart {
+        return ActionResult {
+            plan,
+            unit,
+            restart: None,
+        };
+    }
+    let outcome = restart::restart(&systemd, &config, dump).await;
+    if !outcome.succeeded() {
+        // `RestartUnit(fail)` refuses while another job is queued: a stop, say. Then the
+        // unit's state says what happened, and a stop is left alone.
+        if let Ok(unit) = systemd.status().await
+            && let stopped @ Plan::LeaveStopped(_) = policy::plan(verdict, &unit, dead_pid)
+        {
+            return ActionResult {
+                plan: stopped,
+                unit,
+                restart: None,
+            };
+        }
+    }
+    ActionResult {
+        plan,
+        unit,
+        restart: Some(outcome),
+    }
+}
+
+/// What a restart came to when the actuator itself failed (a panic, or a step past every
+/// deadline).
+fn actuator_failed(error: String) -> ActionResult {
+    warn!("{error}");
+    ActionResult {
+        plan: Plan::Restart,
+        unit: UnitStatus::default(),
+        restart: Some(RestartOutcome {
+            job_result: "error".into(),
+            error: Some(error),
+            duration: Duration::ZERO,
+            new_pid: None,
+            stack_dump: None,
+            killed_main: false,
+        }),
     }
 }
 
@@ -320,7 +457,15 @@ async fn sleep_until_or_never(at: Option<Instant>) {
 
 struct Agent<'a> {
     settings: &'a Settings,
-    systemd: Systemd,
+    /// The connection to systemd; `None` while it is lost and being made again.
+    systemd: Option<Systemd>,
+    health: Arc<Health>,
+    /// Why the connection to systemd failed, noticed during this turn of the loop.
+    bus_lost: Option<String>,
+    /// containerd's main process as systemd named it, with its start time.
+    main_identity: Option<ProcessIdentity>,
+    /// When the listener at `--socket` was last checked for being containerd's.
+    ownership_checked: Option<Instant>,
     sensors: Sensors,
     detector: Detector,
     status: watch::Sender<StatusDocument>,
@@ -343,23 +488,174 @@ struct Agent<'a> {
 }
 
 impl Agent<'_> {
-    /// Reads the unit's main PID from systemd and moves the sensors to it.
+    /// Reads the unit's main PID from systemd and moves the sensors to it. A failed read
+    /// counts as a lost connection: the loop connects again.
     async fn refresh_unit(&mut self) {
         self.unit_read_at = Instant::now();
-        let status = match tokio::time::timeout(Duration::from_secs(2), self.systemd.status()).await
-        {
+        let Some(systemd) = &self.systemd else {
+            return;
+        };
+        let status = match tokio::time::timeout(CALL_DEADLINE, systemd.status()).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 warn!("cannot read the unit's state from systemd: {e}");
+                self.bus_lost = Some(e.to_string());
                 return;
             }
             Err(_) => {
-                warn!("systemd did not answer within 2 s");
+                warn!("systemd did not answer within {CALL_DEADLINE:?}");
+                self.bus_lost = Some(format!("systemd did not answer within {CALL_DEADLINE:?}"));
                 return;
             }
         };
         self.set_main_pid(status.main_pid);
         self.status.send_modify(|d| d.unit_state = status);
+    }
+
+    /// Subscribes to systemd's signals on the current connection; `None` (and the connection
+    /// counted lost) when that fails.
+    async fn follow_bus(&mut self) -> Option<BusEvents> {
+        let systemd = self.systemd.as_ref()?;
+        match tokio::time::timeout(CALL_DEADLINE, systemd.changes()).await {
+            Ok(Ok(stream)) => Some(Box::pin(stream)),
+            Ok(Err(e)) => {
+                self.bus_lost = Some(format!("cannot follow systemd's signals: {e}"));
+                None
+            }
+            Err(_) => {
+                self.bus_lost = Some(format!(
+                    "systemd's signals could not be subscribed to within {CALL_DEADLINE:?}"
+                ));
+                None
+            }
+        }
+    }
+
+    /// The connection to systemd is lost: say so everywhere, and connect again in the
+    /// background.
+    fn on_bus_lost(&mut self, reason: String, connected: mpsc::Sender<Systemd>) {
+        warn!(
+            bus = %self.settings.bus,
+            "lost the connection to systemd ({reason}); containerd cannot be restarted until it is back; connecting again"
+        );
+        self.systemd = None;
+        self.health.set_bus_connected(false);
+        self.metrics.bus(false);
+        let since = self.clock.format(Instant::now());
+        self.status.send_modify(|d| {
+            d.bus.connected = false;
+            d.bus.since = since;
+            d.bus.last_error = Some(reason);
+        });
+        tokio::spawn(reconnect(
+            self.settings.bus.clone(),
+            self.settings.unit.clone(),
+            connected,
+        ));
+    }
+
+    fn on_bus_connected(&mut self) {
+        info!(bus = %self.settings.bus, "connected to systemd again; its signals are followed and the unit was read afresh");
+        self.health.set_bus_connected(true);
+        self.metrics.bus(true);
+        let since = self.clock.format(Instant::now());
+        self.status.send_modify(|d| {
+            d.bus.connected = true;
+            d.bus.since = since;
+            d.bus.reconnects += 1;
+        });
+        // A restart that waited for the bus is tried now.
+        if let Some((_, at)) = &mut self.deferred {
+            *at = Instant::now();
+        }
+    }
+
+    /// Until containerd first answers, asks the kernel whether the listener at `--socket` is
+    /// containerd's own: only a stall on that one counts as evidence then.
+    fn check_ownership(&mut self) {
+        if self.detector.answered() {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .ownership_checked
+            .is_some_and(|at| now.saturating_duration_since(at) < OWNERSHIP_CHECK_INTERVAL)
+        {
+            return;
+        }
+        self.ownership_checked = Some(now);
+        let owned = self.main_pid.is_some_and(|pid| {
+            tokio::task::block_in_place(|| listener::ownership(&self.settings.socket, pid))
+                .is_ok_and(|o| o == Ownership::Owned)
+        });
+        self.detector.set_listener_owned(owned);
+    }
+
+    /// Names a configuration problem while probes fail on a containerd never seen answer,
+    /// and clears it once containerd answers.
+    fn publish_config_problem(&mut self) {
+        let problem = self.detector.unanswered().then(|| self.diagnose_socket());
+        if self.status.borrow().config_problem == problem {
+            return;
+        }
+        match &problem {
+            Some(p) => warn!(socket = %self.settings.socket.display(), "configuration problem: {p}"),
+            None => info!("containerd answers on {}", self.settings.socket.display()),
+        }
+        self.health.set_config_problem(problem.clone());
+        self.status.send_modify(|d| d.config_problem = problem);
+    }
+
+    /// Why containerd never answered on `--socket`, in words that name the setting to fix.
+    fn diagnose_socket(&self) -> String {
+        use std::os::unix::fs::FileTypeExt as _;
+        let socket = &self.settings.socket;
+        let fix = "set --socket (OBSERVER_SOCKET, `socket` in the config file) to the path containerd listens on (`[grpc] address` in its config)";
+        let unit = &self.settings.unit;
+        let found = match std::fs::metadata(socket) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                format!("nothing exists at --socket {}", socket.display())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return format!(
+                    "the observer may not reach --socket {} (permission denied): run it as root or grant it access to the socket's directory; no restart is made until containerd answers there",
+                    socket.display()
+                );
+            }
+            Err(e) => format!("--socket {} cannot be read: {e}", socket.display()),
+            Ok(m) if !m.file_type().is_socket() => {
+                format!("--socket {} is not a socket", socket.display())
+            }
+            Ok(_) => {
+                let owner = self.main_pid.map(|pid| listener::ownership(socket, pid));
+                match owner {
+                    Some(Ok(Ownership::NoListener)) => {
+                        format!("nothing listens on --socket {}", socket.display())
+                    }
+                    Some(Ok(Ownership::Foreign)) => format!(
+                        "the listener on --socket {} is not held by {unit}'s main process (PID {})",
+                        socket.display(),
+                        self.main_pid.unwrap_or_default()
+                    ),
+                    _ => {
+                        let error = self
+                            .status
+                            .borrow()
+                            .last_probe
+                            .as_ref()
+                            .and_then(|p| p.error.clone())
+                            .unwrap_or_default();
+                        format!(
+                            "containerd never answered on --socket {} ({error})",
+                            socket.display()
+                        )
+                    }
+                }
+            }
+        };
+        format!(
+            "{found}, while {unit} runs: {fix}, or --unit to the unit that runs it; no restart is made until containerd answers there"
+        )
     }
 
     fn set_main_pid(&mut self, pid: Option<u32>) {
@@ -368,8 +664,11 @@ impl Agent<'_> {
         }
         info!(old = ?self.main_pid, new = ?pid, "containerd main PID changed");
         self.main_pid = pid;
+        // Read at once, while the PID surely names the process systemd just reported.
+        self.main_identity = pid.and_then(ProcessIdentity::of);
+        self.ownership_checked = None;
         self.detector.set_main_pid(pid);
-        self.sensors.follow(pid);
+        self.sensors.follow(pid, self.main_identity);
         self.status.send_modify(|d| d.containerd_pid = pid);
     }
 
@@ -439,7 +738,9 @@ impl Agent<'_> {
                 error,
             },
         };
-        self.detector.observe(Instant::now(), observation)
+        let decision = self.detector.observe(Instant::now(), observation);
+        self.publish_config_problem();
+        decision
     }
 
     async fn on_kernel_event(&mut self, event: KernelEvent) -> Decision {
@@ -605,78 +906,93 @@ impl Agent<'_> {
             &mut self.budget,
             now,
         );
+        let Some(systemd) = self.systemd.clone().filter(|_| action == Action::Restart) else {
+            if action == Action::Restart {
+                // Without systemd nothing can be restarted: try again once it is back.
+                warn!(unit = %self.settings.unit, reason = ?verdict.state, "containerd needs a restart, but systemd cannot be reached; waiting for the bus");
+                self.deferred = Some((verdict, now + RECONNECT_BACKOFF.1));
+                return;
+            }
+            return self.record_declined(action, verdict, now);
+        };
+        self.start_restart(systemd, verdict, now, done);
+    }
+
+    /// Records an action that did not restart (paused, dry run, backing off, giving up).
+    fn record_declined(&mut self, action: Action, verdict: Verdict, now: Instant) {
         let result = match &action {
-            Action::Wait => return,
-            Action::Restart => None,
-            Action::Paused => Some(format!(
+            Action::Wait | Action::Restart => return,
+            Action::Paused => format!(
                 "paused by {}: not restarting {}",
                 self.settings.pause_file.display(),
                 self.settings.unit
-            )),
-            Action::DryRun => Some(format!("dry run: would restart {}", self.settings.unit)),
+            ),
+            Action::DryRun => format!("dry run: would restart {}", self.settings.unit),
             Action::BackOff {
                 retry_in,
                 recent_restarts,
             } => {
                 self.deferred = Some((verdict.clone(), now + *retry_in));
-                Some(format!(
+                format!(
                     "backing off: {recent_restarts} restart(s) recently; next attempt in {:.0} s",
                     retry_in.as_secs_f64()
-                ))
+                )
             }
             Action::GiveUp { recent_restarts } => {
                 self.deferred = None;
-                Some(format!(
+                format!(
                     "gave up: {recent_restarts} restarts within {:.0} min; no more until containerd is healthy again",
                     budget_config(self.settings).window.as_secs_f64() / 60.0
-                ))
+                )
             }
         };
-        if let Some(result) = result {
-            self.record_action(action.name(), &verdict, result, true);
-            if matches!(action, Action::BackOff { .. } | Action::GiveUp { .. }) {
-                self.publish_budget();
-            }
-            return;
+        self.record_action(action.name(), &verdict, result, true);
+        if matches!(action, Action::BackOff { .. } | Action::GiveUp { .. }) {
+            self.publish_budget();
         }
+    }
+
+    /// Hands a restart to the actuator's task. The task is bounded: it always reports back,
+    /// even when a step hangs or panics, so a restart is never "in flight" for good.
+    fn start_restart(
+        &mut self,
+        systemd: Systemd,
+        verdict: Verdict,
+        now: Instant,
+        done: &mpsc::Sender<ActionResult>,
+    ) {
         self.deferred = None;
         self.detector
             .observe(Instant::now(), Observation::RestartStarted);
         self.status.send_modify(|d| d.state = State::Recovering);
         self.restart_in_flight = Some((verdict.clone(), now));
-        let systemd = self.systemd.clone();
         let config = self.actuator.clone();
         let done = done.clone();
         let dead_pid = (verdict.state == State::Crashed)
             .then_some(verdict.pid)
             .flatten();
-        let main_pid = self.main_pid;
+        let main = self.main_identity;
+        // Every step inside has its own deadline; this one bounds them all together.
+        let limit = config.settle
+            + config.stack_dump_wait
+            + config.job_timeout
+            + CALL_DEADLINE * 6;
         tokio::spawn(async move {
-            let unit = match restart::settled_status(&systemd, dead_pid, config.settle).await {
-                Ok(unit) => unit,
-                Err(e) => {
-                    warn!("cannot read the unit before acting: {e}");
-                    UnitStatus::default()
+            let steps = tokio::spawn(carry_out(systemd, config, verdict.state, dead_pid, main));
+            let abort = steps.abort_handle();
+            let result = match tokio::time::timeout(limit, steps).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(e)) => actuator_failed(format!("the actuator failed: {e}")),
+                Err(_) => {
+                    abort.abort();
+                    actuator_failed(format!("the actuator did not finish within {limit:?}"))
                 }
             };
-            let plan = policy::plan(verdict.state, &unit, dead_pid);
-            let restart = match plan {
-                Plan::Restart => {
-                    Some(restart::restart(&systemd, &config, verdict.state, main_pid).await)
-                }
-                _ => None,
-            };
-            let _ = done
-                .send(ActionResult {
-                    plan,
-                    unit,
-                    restart,
-                })
-                .await;
+            let _ = done.send(result).await;
         });
     }
 
-    /// Tries again a restart the budget deferred, if containerd still needs one.
+    /// Tries again a restart the budget (or a lost bus) deferred, if containerd still needs one.
     fn retry_deferred(&mut self) -> Decision {
         let Some((verdict, _)) = self.deferred.take() else {
             return Decision::Wait;

@@ -3,11 +3,14 @@
 //! The main loop records a beat on every turn; the agent is live while the last beat is
 //! recent. It is ready once its sensors have started (on eBPF or on their fallbacks) and its
 //! first probe has finished, whatever that probe found: readiness says the observer watches,
-//! not that containerd is well.
+//! not that containerd is well. It is not ready while it cannot reach systemd (it could not
+//! restart anything) or while its configuration keeps it from watching containerd (a
+//! `--socket` where containerd does not answer): in both, the node is not protected.
 
 use std::{
     sync::{
         Arc,
+        Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -28,14 +31,20 @@ pub struct Health {
     last_beat_ms: AtomicU64,
     sensors_started: AtomicBool,
     first_probe_done: AtomicBool,
+    bus_connected: AtomicBool,
+    config_problem: Mutex<Option<String>>,
 }
 
 /// Why the agent is not ready, for `/readyz`'s 503 body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NotReady {
     pub ready: bool,
-    /// What it still waits for: `sensors` and/or `first_probe`.
+    /// What it still waits for: `sensors`, `first_probe` and/or `systemd` (the bus to systemd
+    /// is lost and being reconnected).
     pub waiting_for: Vec<&'static str>,
+    /// A setting that keeps the observer from watching containerd, and how to fix it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_problem: Option<String>,
 }
 
 impl Health {
@@ -49,6 +58,8 @@ impl Health {
             last_beat_ms: AtomicU64::new(0),
             sensors_started: AtomicBool::new(false),
             first_probe_done: AtomicBool::new(false),
+            bus_connected: AtomicBool::new(true),
+            config_problem: Mutex::new(None),
         })
     }
 
@@ -83,6 +94,25 @@ impl Health {
         self.first_probe_done.store(true, Ordering::Relaxed);
     }
 
+    /// Whether the agent is connected to systemd over D-Bus.
+    pub fn set_bus_connected(&self, connected: bool) {
+        self.bus_connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// A configuration problem that keeps the agent from watching containerd, or `None`.
+    pub fn set_config_problem(&self, problem: Option<String>) {
+        *self
+            .config_problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = problem;
+    }
+
+    /// Whether the sensors started and the first probe finished: the agent runs (what
+    /// systemd's `READY=1` says), though it may not be ready to protect containerd.
+    pub fn started(&self) -> bool {
+        self.sensors_started.load(Ordering::Relaxed) && self.first_probe_done.load(Ordering::Relaxed)
+    }
+
     /// `Ok` when ready; otherwise what the agent still waits for.
     pub fn readiness(&self) -> Result<(), NotReady> {
         let mut waiting_for = Vec::new();
@@ -92,12 +122,21 @@ impl Health {
         if !self.first_probe_done.load(Ordering::Relaxed) {
             waiting_for.push("first_probe");
         }
-        if waiting_for.is_empty() {
+        if !self.bus_connected.load(Ordering::Relaxed) {
+            waiting_for.push("systemd");
+        }
+        let config_problem = self
+            .config_problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if waiting_for.is_empty() && config_problem.is_none() {
             Ok(())
         } else {
             Err(NotReady {
                 ready: false,
                 waiting_for,
+                config_problem,
             })
         }
     }
@@ -117,6 +156,23 @@ mod tests {
         health.sensors_started();
         assert_eq!(health.readiness().unwrap_err().waiting_for, ["first_probe"]);
         health.probe_finished();
+        assert_eq!(health.readiness(), Ok(()));
+    }
+
+    #[test]
+    fn not_ready_without_systemd_or_with_a_config_problem() {
+        let health = Health::new();
+        health.sensors_started();
+        health.probe_finished();
+        health.set_bus_connected(false);
+        assert_eq!(health.readiness().unwrap_err().waiting_for, ["systemd"]);
+        assert!(health.started(), "still running, for systemd's READY=1");
+        health.set_bus_connected(true);
+        health.set_config_problem(Some("fix --socket".into()));
+        let not_ready = health.readiness().unwrap_err();
+        assert!(not_ready.waiting_for.is_empty());
+        assert_eq!(not_ready.config_problem.as_deref(), Some("fix --socket"));
+        health.set_config_problem(None);
         assert_eq!(health.readiness(), Ok(()));
     }
 

@@ -75,6 +75,8 @@ pub struct Metrics {
     restarts: Family<Labels2, Counter>,
     actions: Family<Labels1, Counter>,
     state: Family<Labels1, Gauge<i64, AtomicI64>>,
+    bus_connected: Gauge<i64, AtomicI64>,
+    bus_reconnects: Counter,
 }
 
 impl Metrics {
@@ -143,6 +145,19 @@ impl Metrics {
             "The detector's judgement of containerd: 1 for the current state, 0 for the others",
             state.clone(),
         );
+        let bus_connected = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "bus_connected",
+            "1 while the observer is connected to systemd over D-Bus and can restart containerd, 0 while it reconnects",
+            bus_connected.clone(),
+        );
+        bus_connected.set(1);
+        let bus_reconnects = Counter::default();
+        registry.register(
+            "bus_reconnects",
+            "Connections to systemd over D-Bus made again after one was lost (a restart of the bus, systemd's daemon-reexec)",
+            bus_reconnects.clone(),
+        );
         registry.register(
             "build",
             "The observer's build",
@@ -180,9 +195,19 @@ impl Metrics {
             restarts,
             actions,
             state,
+            bus_connected,
+            bus_reconnects,
         };
         metrics.set_state(State::Starting);
         metrics
+    }
+
+    /// The connection to systemd was lost (`false`) or made again (`true`).
+    pub fn bus(&self, connected: bool) {
+        self.bus_connected.set(i64::from(connected));
+        if connected {
+            self.bus_reconnects.inc();
+        }
     }
 
     /// A finished probe: `result` is the status document's `ok`, `timeout`, `refused` or `error`.

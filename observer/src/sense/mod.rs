@@ -6,10 +6,15 @@
 //! - [`sensors`]: picks, per sensor, the kernel program or its fallback, and says which;
 //! - [`heartbeat`]: the cheap connects that keep the accept queue observed;
 //! - [`probe`]: `Version()` over gRPC, each call with its own deadline;
+//! - [`process`]: a process named by its PID and start time, which a reused PID does not
+//!   share;
+//! - [`listener`]: whether a listening socket is containerd's own, by its inode;
 //! - [`unit`]: the unit as systemd sees it, and its changes.
 pub mod fallback;
 pub mod heartbeat;
 pub mod kernel;
 pub mod probe;
+pub mod process;
+pub mod listener;
 pub mod sensors;
 pub mod unit;

@@ -30,6 +30,7 @@ use crate::{
     sense::fallback::pidfd::PidExitWatch,
     sense::fallback::sockdiag::{self, PendingTracker},
     sense::heartbeat::Heartbeat,
+    sense::process::ProcessIdentity,
     sense::kernel::{
         KernelEvent, KernelExit, KernelSensors, PendingSnapshot, ProgramCost, SensorState,
     },
@@ -167,7 +168,9 @@ impl Sensors {
     }
 
     /// Moves the sensors to containerd's new main process.
-    pub fn follow(&mut self, pid: Option<u32>) {
+    /// `identity` is the process as it was when systemd named it: the pidfd fallback checks
+    /// that the PID still names it.
+    pub fn follow(&mut self, pid: Option<u32>, identity: Option<ProcessIdentity>) {
         if let Some(kernel) = self.kernel.as_mut() {
             // A new process has new listening sockets; the next heartbeat learns them, and
             // connections queued on the old ones are no longer counted.
@@ -186,7 +189,7 @@ impl Sensors {
                 task.abort();
             }
             if let Some(pid) = pid {
-                self.pidfd_task = Some(watch_with_pidfd(pid, self.events.clone()));
+                self.pidfd_task = Some(watch_with_pidfd(pid, identity, self.events.clone()));
             }
         }
     }
@@ -323,7 +326,11 @@ fn executable_paths(pid: u32) -> Vec<Vec<u8>> {
     paths
 }
 
-fn watch_with_pidfd(pid: u32, events: mpsc::Sender<KernelEvent>) -> JoinHandle<()> {
+fn watch_with_pidfd(
+    pid: u32,
+    identity: Option<ProcessIdentity>,
+    events: mpsc::Sender<KernelEvent>,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut watch = match PidExitWatch::open(pid) {
             Ok(w) => w,
@@ -332,9 +339,17 @@ fn watch_with_pidfd(pid: u32, events: mpsc::Sender<KernelEvent>) -> JoinHandle<(
                 return;
             }
         };
-        if let Err(e) = watch.exited().await {
-            warn!("pidfd of PID {pid} failed: {e}");
-            return;
+        // The pidfd names whatever process has the PID now. If that is not the process
+        // systemd named (it exited and the PID was reused, or none was read), the pidfd would
+        // watch a stranger: the process systemd named is gone, which is its exit. Without a
+        // start time to compare (an unreadable /proc), the PID is all there is.
+        if identity.is_none_or(|identity| identity.is_current()) {
+            if let Err(e) = watch.exited().await {
+                warn!("pidfd of PID {pid} failed: {e}");
+                return;
+            }
+        } else {
+            debug!(pid, "PID {pid} no longer names the process systemd reported: it exited");
         }
         let exit = KernelExit {
             pid,

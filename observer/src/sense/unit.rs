@@ -4,7 +4,7 @@
 use futures_util::StreamExt as _;
 use zbus::{proxy, proxy::CacheProperties, zvariant::OwnedObjectPath};
 
-use crate::act::systemd::{Systemd, SystemdError, UnitStatus, call};
+use crate::act::systemd::{BusEvent, Systemd, SystemdError, UnitStatus, call, manager_changes};
 
 #[proxy(
     interface = "org.freedesktop.systemd1.Unit",
@@ -127,11 +127,13 @@ impl Systemd {
         })
     }
 
-    /// Resolves each time systemd reports a change of the unit's properties (`MainPID`,
-    /// `ActiveState`, …), so the agent can re-read them at once instead of at its next tick.
-    pub async fn unit_changes(
+    /// Yields each time systemd reports a change of the unit's properties (`MainPID`,
+    /// `ActiveState`, …), so the agent can re-read them at once instead of at its next tick,
+    /// and when systemd's manager leaves or rejoins the bus. It ends when the connection to
+    /// the bus is lost.
+    pub async fn changes(
         &self,
-    ) -> Result<impl futures_util::Stream<Item = ()> + Send + 'static, SystemdError> {
+    ) -> Result<impl futures_util::Stream<Item = BusEvent> + Send + 'static, SystemdError> {
         let properties = zbus::fdo::PropertiesProxy::builder(&self.connection)
             .destination("org.freedesktop.systemd1")
             .and_then(|b| b.path(self.unit_path.clone()))
@@ -143,6 +145,10 @@ impl Systemd {
             .receive_properties_changed()
             .await
             .map_err(|source| call("a match on PropertiesChanged", source))?;
-        Ok(changes.map(|_| ()))
+        let manager = manager_changes(&self.connection).await?;
+        Ok(futures_util::stream::select(
+            changes.map(|_| BusEvent::UnitChanged),
+            manager,
+        ))
     }
 }

@@ -59,6 +59,24 @@ pub struct StatusDocument {
     pub restart_budget: BudgetRecord,
     /// The pause switch: while set, the agent judges and records but never acts.
     pub paused: bool,
+    /// The connection to systemd over D-Bus.
+    pub bus: BusRecord,
+    /// A setting that keeps the observer from watching containerd, and how to fix it: no
+    /// restart is made on the evidence it spoils.
+    pub config_problem: Option<String>,
+}
+
+/// The agent's connection to systemd.
+#[derive(Debug, Clone, Serialize)]
+pub struct BusRecord {
+    /// Whether systemd can be reached: restarts are possible.
+    pub connected: bool,
+    /// Since when the connection has been in that state.
+    pub since: String,
+    /// Connections made again after one was lost.
+    pub reconnects: u64,
+    /// Why the last connection was lost or the last attempt failed.
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -131,9 +131,11 @@ fn kernel_hint(errno: &i32) -> &'static str {
 /// the caller's; and within one namespace, a listener whose file was unlinked and bound anew
 /// (a restarted daemon whose old instance still holds its socket). All are returned.
 ///
-/// The name is compared byte for byte with what was given to bind(2), so a socket bound through
-/// a relative path does not match its absolute path. An abstract name is matched and rendered
-/// with a leading `@` for its leading NUL: pass `Path::new("@name")` to sample one.
+/// The name the kernel reports is what was given to bind(2). It matches `path` as given or
+/// `path` with its symlinks resolved, so `/var/run/containerd/containerd.sock` (through the
+/// `/var/run` -> `/run` symlink) finds the listener bound at `/run/containerd/containerd.sock`.
+/// An abstract name is matched and rendered with a leading `@` for its leading NUL: pass
+/// `Path::new("@name")` to sample one.
 ///
 /// Two dumps are made on one netlink socket: names and queue lengths first, which always fit,
 /// then the same with the pending inodes. The kernel silently ends a dump at a socket whose
@@ -143,7 +145,14 @@ fn kernel_hint(errno: &i32) -> &'static str {
 ///
 /// This blocks, each read for at most 5 s: call it from `spawn_blocking` in async code.
 pub fn sample_listener(path: &Path) -> Result<Vec<ListenerSample>, SockDiagError> {
-    let path = path.as_os_str().as_bytes();
+    // An abstract name has no file to resolve.
+    let canonical = std::fs::canonicalize(path).ok();
+    let given = path.as_os_str().as_bytes();
+    let mut names = vec![given];
+    if let Some(c) = canonical.as_deref().filter(|c| *c != path) {
+        names.push(c.as_os_str().as_bytes());
+    }
+    let path = names.as_slice();
     let socket = open_socket()?;
     // A fresh socket receives nothing but our replies, so any sequence numbers serve; distinct
     // ones still guard against stray messages.
@@ -253,14 +262,14 @@ struct DiagEntry {
     icons: Option<Vec<u32>>,
 }
 
-/// Keeps the listening unix sockets whose name is `path` (abstract names as `@name`).
-fn select_listeners(entries: &[DiagEntry], path: &[u8]) -> Vec<ListenerSample> {
+/// Keeps the listening unix sockets whose name is one of `names` (abstract names as `@name`).
+fn select_listeners(entries: &[DiagEntry], names: &[&[u8]]) -> Vec<ListenerSample> {
     entries
         .iter()
         .filter(|e| e.family == libc::AF_UNIX as u8 && e.state == TCP_LISTEN)
         .filter_map(|e| {
             let name = render_name(e.name.as_deref()?)?;
-            if name != path {
+            if !names.contains(&name.as_slice()) {
                 return None;
             }
             let icons: Vec<u64> = e.icons.iter().flatten().map(|&i| u64::from(i)).collect();
@@ -724,7 +733,7 @@ mod tests {
         assert_eq!(out[0].icons.as_deref(), Some(&[100, 101][..]));
         assert_eq!(out[1].name.as_deref(), Some(&b"\0abstract"[..]));
 
-        let found = select_listeners(&out, b"/run/a.sock");
+        let found = select_listeners(&out, &[b"/run/a.sock"]);
         assert_eq!(
             found.len(),
             2,
@@ -736,11 +745,11 @@ mod tests {
         assert_eq!(found[0].pending_inodes, vec![100, 101]);
         assert_eq!(found[1].inode, 12);
 
-        let abstract_found = select_listeners(&out, b"@abstract");
+        let abstract_found = select_listeners(&out, &[b"@abstract"]);
         assert_eq!(abstract_found.len(), 1);
         assert_eq!(abstract_found[0].path, "@abstract");
-        assert!(select_listeners(&out, b"/run/other.sock").is_empty());
-        assert!(select_listeners(&out, b"").is_empty());
+        assert!(select_listeners(&out, &[b"/run/other.sock"]).is_empty());
+        assert!(select_listeners(&out, &[b""]).is_empty());
     }
 
     #[test]
@@ -763,7 +772,7 @@ mod tests {
         let (entries, finished) = parse_all(&[datagram]).unwrap();
         assert!(finished);
         assert_eq!(entries.len(), 3);
-        let found = select_listeners(&entries, b"/x");
+        let found = select_listeners(&entries, &[b"/x"]);
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].inode, 7);
     }
@@ -805,7 +814,7 @@ mod tests {
             &[rtattr(UNIX_DIAG_NAME, b"/p\0"), icons(&[5, 6])],
         );
         let (entries, _) = parse_all(&[nlmsg(SOCK_DIAG_BY_FAMILY, SEQ, &msg)]).unwrap();
-        let found = select_listeners(&entries, b"/p");
+        let found = select_listeners(&entries, &[b"/p"]);
         assert_eq!((found[0].pending, found[0].backlog), (2, 0));
     }
 
@@ -925,7 +934,7 @@ mod tests {
             bad.truncate((rng.next() as usize) % (bad.len() + 1));
             out.clear();
             if parse_datagram(&bad, SEQ, &mut out).is_ok() {
-                let _ = select_listeners(&out, b"/a");
+                let _ = select_listeners(&out, &[b"/a"]);
             }
             let noise: Vec<u8> = (0..rng.next() % 128).map(|_| rng.next() as u8).collect();
             let _ = parse_datagram(&noise, SEQ, &mut out);
@@ -944,11 +953,11 @@ mod tests {
         let detailed = [listener(2, b"/a\0", &[50, 51, 52]), done()].concat();
         let (counts, _) = parse_all(&[counts]).unwrap();
         let (detailed, _) = parse_all(&[detailed]).unwrap();
-        let mut samples = select_listeners(&counts, b"/a");
+        let mut samples = select_listeners(&counts, &[b"/a"]);
         for s in &mut samples {
             s.pending_inodes.clear(); // as the dump without UDIAG_SHOW_ICONS has them
         }
-        add_pending_inodes(&mut samples, &select_listeners(&detailed, b"/a"));
+        add_pending_inodes(&mut samples, &select_listeners(&detailed, &[b"/a"]));
         assert_eq!(samples.len(), 2);
         assert_eq!(
             (samples[0].pending, samples[0].pending_inodes.len()),
@@ -1116,5 +1125,21 @@ mod tests {
         let samples = sample_listener(&path).expect("sample");
         assert_eq!(samples.len(), 2, "{samples:?}");
         drop((old, new));
+    }
+
+    #[test]
+    fn a_path_through_a_symlink_finds_the_listener() {
+        // As /var/run -> /run on most distributions: the listener is bound at the real path,
+        // the observer is told the path through the symlink.
+        let dir = TempDir::new("symlink");
+        let real = dir.0.join("run");
+        std::fs::create_dir(&real).expect("mkdir");
+        std::os::unix::fs::symlink(&real, dir.0.join("var-run")).expect("symlink");
+        let _listener = UnixListener::bind(real.join("c.sock")).expect("bind");
+        let _client = UnixStream::connect(real.join("c.sock")).expect("connect");
+        let through_link = sample_one(&dir.0.join("var-run/c.sock"));
+        let direct = sample_one(&real.join("c.sock"));
+        assert_eq!(through_link.inode, direct.inode);
+        assert_eq!(through_link.pending, 1);
     }
 }
