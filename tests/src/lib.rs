@@ -43,7 +43,7 @@ pub use gate::{Need, OBSERVER_NEEDS, Skip, require};
 pub use grpc::containerd_version;
 pub use observer::{Observer, free_local_addr, observer_bin};
 pub use podman::Podman;
-pub use sandbox::{Sandbox, SandboxOptions};
+pub use sandbox::{BusOutage, Sandbox, SandboxOptions};
 
 /// Everything that can go wrong while starting, driving or asking a sandbox or an observer.
 /// Each message says what happened and, where the fix is on the caller's side, what to do;

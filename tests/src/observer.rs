@@ -60,6 +60,26 @@ impl Observer {
     /// `RUST_LOG=info,observer=debug` unless `RUST_LOG` is set, and without colours. `OBSERVER_*` variables of
     /// the test's environment are not passed on, so only the arguments configure it.
     pub fn spawn(sandbox: &Sandbox, extra_args: &[&str]) -> Result<Observer, SandboxError> {
+        Self::spawn_on(sandbox, sandbox.socket(), extra_args)
+    }
+
+    /// Like [`spawn`](Self::spawn), with `--socket socket` instead of the sandbox's own:
+    /// a path through a symlink, or a misconfiguration.
+    pub fn spawn_on(
+        sandbox: &Sandbox,
+        socket: &std::path::Path,
+        extra_args: &[&str],
+    ) -> Result<Observer, SandboxError> {
+        Self::spawn_with_env(sandbox, socket, extra_args, &[])
+    }
+
+    /// Like [`spawn_on`](Self::spawn_on), with extra environment variables.
+    pub fn spawn_with_env(
+        sandbox: &Sandbox,
+        socket: &std::path::Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Observer, SandboxError> {
         let bin = observer_bin()?;
         let status_addr = free_local_addr();
         let log_path = sandbox.dir().join("observer.log");
@@ -75,7 +95,7 @@ impl Observer {
             .map_err(|err| SandboxError::io("could not duplicate a file handle", err))?;
         let mut cmd = Command::new(&bin);
         cmd.arg("--socket")
-            .arg(sandbox.socket())
+            .arg(socket)
             .args(["--unit", sandbox.unit()])
             .args(["--bus", &sandbox.bus_address()])
             .args(["--status-listen", &status_addr.to_string()])
@@ -93,6 +113,7 @@ impl Observer {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info,observer=debug");
         }
+        cmd.envs(env.iter().copied());
         let child = cmd.spawn().map_err(|err| {
             SandboxError::io(format!("could not run `{}`", process::describe(&cmd)), err)
         })?;
@@ -192,6 +213,28 @@ impl Observer {
                     waited: timeout,
                     details: format!("last answer: {last}\n{}", self.log_tail()),
                 });
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// The observer's PID, to signal it.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .id()
+    }
+
+    /// Waits up to `timeout` for the observer to exit, and returns its exit status.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
             }
             thread::sleep(POLL_INTERVAL);
         }

@@ -118,6 +118,52 @@ impl SandboxOptions {
     }
 }
 
+/// The sandbox's bus, stopped by [`Sandbox::stop_bus`]; dropping it starts the bus again.
+#[derive(Debug)]
+pub struct BusOutage<'a> {
+    sandbox: &'a Sandbox,
+}
+
+impl BusOutage<'_> {
+    /// Starts the bus again and waits until systemd owns its name on it.
+    pub fn end(self) -> Result<(), SandboxError> {
+        let result = self.restore();
+        std::mem::forget(self);
+        result
+    }
+
+    fn restore(&self) -> Result<(), SandboxError> {
+        self.sandbox
+            .systemctl(&["start", "dbus.socket", "dbus.service"])?;
+        // The manager joins the new bus once dbus.service runs; a `busctl` call through
+        // the bus answers once it has.
+        let address = self.sandbox.bus_address();
+        process::poll(Duration::from_secs(10), POLL_INTERVAL * 5, || {
+            Command::new("busctl")
+                .args(["--address", &address, "status", "org.freedesktop.systemd1"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .ok()
+                .filter(|s| s.success())
+        })
+        .map(drop)
+        .ok_or_else(|| SandboxError::Timeout {
+            what: "systemd to own org.freedesktop.systemd1 on the restarted bus".into(),
+            waited: Duration::from_secs(10),
+            details: self.sandbox.diagnostics(),
+        })
+    }
+}
+
+impl Drop for BusOutage<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.restore() {
+            eprintln!("could not start the sandbox's bus again: {e}");
+        }
+    }
+}
+
 /// What the unit runs.
 enum Daemon {
     /// The real containerd at this path, with the sandbox's config.
@@ -282,6 +328,14 @@ impl Sandbox {
             waited: timeout,
             details: format!("{last}\n{}", self.diagnostics()),
         })
+    }
+
+    /// Stops the sandbox's bus daemon (`dbus.socket` and `dbus.service` of its manager) and
+    /// returns a guard that starts it again when dropped: the manager's own connection and
+    /// every client's are lost, as in a dbus upgrade on a node.
+    pub fn stop_bus(&self) -> Result<BusOutage<'_>, SandboxError> {
+        self.systemctl(&["stop", "dbus.socket", "dbus.service"])?;
+        Ok(BusOutage { sandbox: self })
     }
 
     /// Adds (or replaces) the unit file `name` and reloads the manager.

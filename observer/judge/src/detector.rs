@@ -830,9 +830,16 @@ mod tests {
             let mut d = unanswered_detector();
             for i in 0..20u64 {
                 let t = t0 + ms(i * 2000);
-                assert_eq!(d.observe(t, failed(t, failure)), Decision::Wait, "{failure:?}");
+                assert_eq!(
+                    d.observe(t, failed(t, failure)),
+                    Decision::Wait,
+                    "{failure:?}"
+                );
             }
-            assert!(d.unanswered(), "{failure:?}: reported as a configuration problem");
+            assert!(
+                d.unanswered(),
+                "{failure:?}: reported as a configuration problem"
+            );
             assert_eq!(d.state(), State::Suspect);
             // One answer later, the usual rules hold again.
             d.observe(t0 + ms(50_000), ok());

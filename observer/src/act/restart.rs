@@ -6,12 +6,12 @@
 //! dump (`SIGUSR1`), `RestartUnit(fail)`, and, if the stop hangs past a bounded grace, a
 //! `SIGKILL` of the main process through systemd rather than waiting out `TimeoutStopSec`.
 
+#[cfg(test)]
+use std::path::Path;
 use std::{
     path::PathBuf,
     time::{Duration, Instant, SystemTime},
 };
-#[cfg(test)]
-use std::path::Path;
 
 use serde::Serialize;
 use tracing::{info, warn};
@@ -309,7 +309,10 @@ mod tests {
         let (stale_written, fresh_written) = (stale.written(), fresh.written());
         std::fs::remove_file(&path).unwrap();
         if std::env::temp_dir() == Path::new("/tmp") {
-            assert!(!stale_written, "a file from before SIGUSR1 belongs to an earlier process");
+            assert!(
+                !stale_written,
+                "a file from before SIGUSR1 belongs to an earlier process"
+            );
             assert!(fresh_written, "found through /proc/<pid>/root/tmp");
         }
     }

@@ -27,9 +27,9 @@ use crate::{
     judge::policy::{self, Action, Plan, Switches},
     report::metrics::{Metrics, state_label},
     report::status::{
-        self, ActionRecord, BudgetRecord, BusRecord, Endpoint, ExitRecord, LatencyRecord, ObserverRecord,
-        PendingRecord, ProbeRecord, RefreshRequest, RestartRecord, StatusDocument, VerdictRecord,
-        WallClock, millis, push_action, push_bounded,
+        self, ActionRecord, BudgetRecord, BusRecord, Endpoint, ExitRecord, LatencyRecord,
+        ObserverRecord, PendingRecord, ProbeRecord, RefreshRequest, RestartRecord, StatusDocument,
+        VerdictRecord, WallClock, millis, push_action, push_bounded,
     },
     sense::kernel::{KernelAccept, KernelEvent, KernelExit},
     sense::listener::{self, Ownership},
@@ -599,7 +599,9 @@ impl Agent<'_> {
             return;
         }
         match &problem {
-            Some(p) => warn!(socket = %self.settings.socket.display(), "configuration problem: {p}"),
+            Some(p) => {
+                warn!(socket = %self.settings.socket.display(), "configuration problem: {p}")
+            }
             None => info!("containerd answers on {}", self.settings.socket.display()),
         }
         self.health.set_config_problem(problem.clone());
@@ -973,10 +975,7 @@ impl Agent<'_> {
             .flatten();
         let main = self.main_identity;
         // Every step inside has its own deadline; this one bounds them all together.
-        let limit = config.settle
-            + config.stack_dump_wait
-            + config.job_timeout
-            + CALL_DEADLINE * 6;
+        let limit = config.settle + config.stack_dump_wait + config.job_timeout + CALL_DEADLINE * 6;
         tokio::spawn(async move {
             let steps = tokio::spawn(carry_out(systemd, config, verdict.state, dead_pid, main));
             let abort = steps.abort_handle();

@@ -9,8 +9,7 @@
 
 use std::{
     sync::{
-        Arc,
-        Mutex, PoisonError,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -110,7 +109,8 @@ impl Health {
     /// Whether the sensors started and the first probe finished: the agent runs (what
     /// systemd's `READY=1` says), though it may not be ready to protect containerd.
     pub fn started(&self) -> bool {
-        self.sensors_started.load(Ordering::Relaxed) && self.first_probe_done.load(Ordering::Relaxed)
+        self.sensors_started.load(Ordering::Relaxed)
+            && self.first_probe_done.load(Ordering::Relaxed)
     }
 
     /// `Ok` when ready; otherwise what the agent still waits for.

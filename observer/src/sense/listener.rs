@@ -42,7 +42,11 @@ pub fn ownership(path: &Path, pid: u32) -> Result<Ownership, SockDiagError> {
 
 /// The inode of a `socket:[N]` link target.
 fn socket_inode(target: &str) -> Option<u64> {
-    target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]

@@ -13,8 +13,8 @@
 pub mod fallback;
 pub mod heartbeat;
 pub mod kernel;
+pub mod listener;
 pub mod probe;
 pub mod process;
-pub mod listener;
 pub mod sensors;
 pub mod unit;

@@ -89,7 +89,7 @@ mod tests {
     fn our_own_process_is_identified_and_a_reused_pid_is_not_it() {
         let me = ProcessIdentity::of(std::process::id()).expect("our own /proc entry");
         assert!(me.is_current());
-        assert_eq!(me.state(), Some('R'));
+        assert!(me.state().is_some());
         // The same PID with another start time: a process that exited, its PID now reused.
         let earlier = ProcessIdentity {
             start_time: me.start_time.wrapping_sub(1),
@@ -101,7 +101,9 @@ mod tests {
 
     #[test]
     fn an_exited_child_is_no_longer_current() {
-        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
         let pid = child.id();
         let identity = ProcessIdentity::of(pid);
         child.wait().expect("wait");

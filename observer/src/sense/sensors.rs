@@ -30,10 +30,10 @@ use crate::{
     sense::fallback::pidfd::PidExitWatch,
     sense::fallback::sockdiag::{self, PendingTracker},
     sense::heartbeat::Heartbeat,
-    sense::process::ProcessIdentity,
     sense::kernel::{
         KernelEvent, KernelExit, KernelSensors, PendingSnapshot, ProgramCost, SensorState,
     },
+    sense::process::ProcessIdentity,
 };
 
 /// Pending ages from this on are checked against the kernel's accept queue (sock_diag).
@@ -349,7 +349,10 @@ fn watch_with_pidfd(
                 return;
             }
         } else {
-            debug!(pid, "PID {pid} no longer names the process systemd reported: it exited");
+            debug!(
+                pid,
+                "PID {pid} no longer names the process systemd reported: it exited"
+            );
         }
         let exit = KernelExit {
             pid,
