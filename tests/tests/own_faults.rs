@@ -362,3 +362,52 @@ fn an_operators_stop_during_the_restart_preparation_wins() {
     );
     assert_eq!(sandbox.main_pid().unwrap(), None, "{doc}");
 }
+
+#[test]
+fn sigterm_ends_the_observer_promptly_with_a_probe_hanging() {
+    if require(
+        "sigterm_ends_the_observer_promptly_with_a_probe_hanging",
+        NEEDS,
+    )
+    .is_err()
+    {
+        return;
+    }
+    let sandbox = Sandbox::start(SandboxOptions::new()).expect("sandbox");
+    // Probes with a long deadline, and no action: a probe hangs on the frozen containerd
+    // when the observer is told to stop.
+    let observer = Observer::spawn(
+        &sandbox,
+        &[
+            "--dry-run",
+            "--probe-interval",
+            "40s",
+            "--probe-timeout",
+            "30s",
+        ],
+    )
+    .expect("observer");
+    healthy(&observer);
+    let pid = sandbox.main_pid().unwrap().expect("containerd runs");
+    let frozen = Frozen::freeze(pid);
+    // The kernel sees the stall; the probe sent to confirm it waits for its 30 s deadline.
+    observer
+        .wait_for_status("a suspect containerd", Duration::from_secs(20), |doc| {
+            doc["state"] == "suspect"
+        })
+        .expect("suspect");
+    let asked = Instant::now();
+    signal(observer.pid(), libc::SIGTERM);
+    let status = observer
+        .wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("still running 10 s after SIGTERM:\n{}", observer.log()));
+    let took = asked.elapsed();
+    drop(frozen);
+    assert!(status.success(), "{status}\n{}", observer.log());
+    assert!(
+        observer.log().contains("observer stopped"),
+        "{}",
+        observer.log()
+    );
+    eprintln!("SIGTERM to exit: {took:?}");
+}

@@ -35,6 +35,8 @@ trait Manager {
     fn kill_unit(&self, name: &str, whom: &str, signal: i32) -> zbus::Result<()>;
     fn subscribe(&self) -> zbus::Result<()>;
     #[zbus(signal)]
+    fn job_new(&self, id: u32, job: OwnedObjectPath, unit: String) -> zbus::Result<()>;
+    #[zbus(signal)]
     fn job_removed(
         &self,
         id: u32,
@@ -179,6 +181,59 @@ pub(crate) async fn manager_changes(
         .await
         .map_err(|source| call("a match on NameOwnerChanged", source))?;
     Ok(changes.map(|_| BusEvent::ManagerChanged))
+}
+
+impl Systemd {
+    /// Starts noting the jobs queued on the unit from now on (`JobNew`).
+    pub async fn watch_jobs(&self) -> Result<JobWatch, SystemdError> {
+        let new = self
+            .manager
+            .receive_job_new()
+            .await
+            .map_err(|source| call("a match on JobNew", source))?;
+        Ok(JobWatch {
+            new,
+            systemd: self.clone(),
+        })
+    }
+}
+
+/// The jobs others queue on the unit: an operator's `systemctl stop`, say.
+pub struct JobWatch {
+    new: JobNewStream,
+    systemd: Systemd,
+}
+
+impl JobWatch {
+    /// Runs `work` to its end, and returns its output with the type of the first job queued
+    /// on the unit meanwhile (`stop`, `start`, …; `unknown` when it finished before its type
+    /// could be read).
+    pub async fn during<F: std::future::Future>(&mut self, work: F) -> (F::Output, Option<String>) {
+        let mut work = std::pin::pin!(work);
+        let mut seen: Option<String> = None;
+        loop {
+            tokio::select! {
+                output = &mut work => return (output, seen),
+                signal = self.new.next(), if seen.is_none() => {
+                    let Some(signal) = signal else {
+                        // The connection is gone; the work's own calls will say so.
+                        return (work.await, seen);
+                    };
+                    if let Ok(args) = signal.args()
+                        && args.unit == self.systemd.unit
+                    {
+                        let job = args.job.clone();
+                        seen = Some(
+                            self.systemd
+                                .job_type(job)
+                                .await
+                                .unwrap_or_else(|| "unknown".into()),
+                        );
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A restart job systemd is running.

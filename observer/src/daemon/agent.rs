@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -154,8 +155,15 @@ pub async fn run(
         metrics: metrics.clone(),
         refresh: refresh_tx,
     };
-    let server = tokio::spawn(endpoint.serve(listener, unix_listener));
-    crate::report::kubernetes::spawn(status_tx.subscribe(), settings.no_kubernetes);
+    // One token stops every task the agent started: the HTTP server (gracefully), the
+    // Kubernetes reporter (after its last condition), probes and reconnects.
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(endpoint.serve(listener, unix_listener, stop.clone()));
+    let reporter = crate::report::kubernetes::spawn(
+        status_tx.subscribe(),
+        settings.no_kubernetes,
+        stop.clone(),
+    );
     info!(
         status = %format!("http://{}/status", settings.status_listen),
         status_socket = ?settings.status_socket,
@@ -169,6 +177,7 @@ pub async fn run(
 
     let mut agent = Agent {
         settings: &settings,
+        stop: stop.clone(),
         systemd: Some(systemd),
         health: health.clone(),
         bus_lost: None,
@@ -326,7 +335,20 @@ pub async fn run(
             _ => agent.record_interrupted_restart(),
         }
     }
-    server.abort();
+    stop.cancel();
+    // The reporter gets to write the last condition; the server to finish its answers.
+    if let Some(reporter) = reporter {
+        let _ = tokio::time::timeout(
+            crate::report::kubernetes::LAST_WORDS + Duration::from_secs(1),
+            reporter,
+        )
+        .await;
+    }
+    match tokio::time::timeout(Duration::from_secs(2), server).await {
+        Ok(Ok(Err(e))) => warn!("the status endpoint failed while stopping: {e}"),
+        Ok(_) => {}
+        Err(_) => warn!("the status endpoint did not finish its answers within 2 s"),
+    }
     // Dropping the sensors detaches the eBPF programs and stops the heartbeat thread.
     drop(agent);
     info!("observer stopped");
@@ -398,9 +420,27 @@ async fn carry_out(
             restart: None,
         };
     }
-    let dump = restart::prepare(&systemd, &config, verdict, main).await;
+    // Whatever job someone else queues on the unit while the restart is prepared wins: an
+    // operator's stop above all, even one that has already finished (a stop of a hung
+    // containerd ends in `failed` after TimeoutStopSec, which alone would look like a crash).
+    let prepare = restart::prepare(&systemd, &config, verdict, main);
+    let (dump, queued) = match systemd.watch_jobs().await {
+        Ok(mut jobs) => jobs.during(prepare).await,
+        Err(e) => {
+            warn!("cannot watch the unit's jobs while preparing the restart: {e}");
+            (prepare.await, None)
+        }
+    };
     let unit = systemd.status().await.unwrap_or(unit);
-    let plan = policy::plan(verdict, &unit, dead_pid);
+    let plan = match queued.as_deref() {
+        Some("stop") => Plan::LeaveStopped(
+            "a stop job was queued on the unit while the restart was being prepared: the operator's stop wins".into(),
+        ),
+        Some(job) => Plan::LeaveToSystemd(format!(
+            "a {job} job was queued on the unit while the restart was being prepared"
+        )),
+        None => policy::plan(verdict, &unit, dead_pid),
+    };
     if plan != Plan::Restart {
         return ActionResult {
             plan,
@@ -426,6 +466,24 @@ async fn carry_out(
         plan,
         unit,
         restart: Some(outcome),
+    }
+}
+
+/// Runs `work` in a task of its own for at most `limit`: its output, or why there is none
+/// (it panicked, or it was still running at `limit` and was aborted).
+async fn bounded<T: Send + 'static>(
+    limit: Duration,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, String> {
+    let task = tokio::spawn(work);
+    let abort = task.abort_handle();
+    match tokio::time::timeout(limit, task).await {
+        Ok(Ok(output)) => Ok(output),
+        Ok(Err(e)) => Err(format!("the actuator failed: {e}")),
+        Err(_) => {
+            abort.abort();
+            Err(format!("the actuator did not finish within {limit:?}"))
+        }
     }
 }
 
@@ -457,6 +515,8 @@ async fn sleep_until_or_never(at: Option<Instant>) {
 
 struct Agent<'a> {
     settings: &'a Settings,
+    /// Cancelled when the agent stops: the tasks it started end.
+    stop: CancellationToken,
     /// The connection to systemd; `None` while it is lost and being made again.
     systemd: Option<Systemd>,
     health: Arc<Health>,
@@ -547,11 +607,18 @@ impl Agent<'_> {
             d.bus.since = since;
             d.bus.last_error = Some(reason);
         });
-        tokio::spawn(reconnect(
+        let stop = self.stop.clone();
+        let reconnect = reconnect(
             self.settings.bus.clone(),
             self.settings.unit.clone(),
             connected,
-        ));
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                () = reconnect => {}
+                () = stop.cancelled() => {}
+            }
+        });
     }
 
     fn on_bus_connected(&mut self) {
@@ -695,8 +762,12 @@ impl Agent<'_> {
         let socket = self.settings.socket.clone();
         let timeout = self.settings.probe_timeout;
         let results = results.clone();
+        let stop = self.stop.clone();
         tokio::spawn(async move {
-            let result = probe::probe_version(&socket, timeout).await;
+            let result = tokio::select! {
+                result = probe::probe_version(&socket, timeout) => result,
+                () = stop.cancelled() => return,
+            };
             let _ = results.send(result).await;
         });
     }
@@ -977,16 +1048,8 @@ impl Agent<'_> {
         // Every step inside has its own deadline; this one bounds them all together.
         let limit = config.settle + config.stack_dump_wait + config.job_timeout + CALL_DEADLINE * 6;
         tokio::spawn(async move {
-            let steps = tokio::spawn(carry_out(systemd, config, verdict.state, dead_pid, main));
-            let abort = steps.abort_handle();
-            let result = match tokio::time::timeout(limit, steps).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(e)) => actuator_failed(format!("the actuator failed: {e}")),
-                Err(_) => {
-                    abort.abort();
-                    actuator_failed(format!("the actuator did not finish within {limit:?}"))
-                }
-            };
+            let steps = carry_out(systemd, config, verdict.state, dead_pid, main);
+            let result = bounded(limit, steps).await.unwrap_or_else(actuator_failed);
             let _ = done.send(result).await;
         });
     }
@@ -1133,5 +1196,24 @@ impl Agent<'_> {
             d.state = state;
             changed
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_actuator_that_hangs_or_panics_still_reports_back() {
+        let limit = Duration::from_millis(100);
+        assert_eq!(bounded(limit, async { 7 }).await, Ok(7));
+        let hung = bounded(limit, std::future::pending::<()>()).await;
+        assert!(hung.unwrap_err().contains("did not finish within 100ms"));
+        let panicked = bounded(limit, async { panic!("a bug in a step") }).await;
+        let error: Result<(), String> = panicked;
+        assert!(error.unwrap_err().contains("panicked"));
+        // What the loop makes of it: a failed restart, so nothing stays in flight.
+        let result = actuator_failed("the actuator failed: boom".into());
+        assert!(!result.restart.expect("an outcome").succeeded());
     }
 }

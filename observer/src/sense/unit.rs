@@ -104,17 +104,7 @@ impl Systemd {
         let job = if job_id == 0 {
             None
         } else {
-            // The job can finish between the two reads; then there is none.
-            match JobProxy::builder(&self.connection)
-                .path(job_path)
-                .map(|b| b.cache_properties(CacheProperties::No))
-            {
-                Ok(builder) => match builder.build().await {
-                    Ok(job) => job.job_type().await.ok(),
-                    Err(_) => None,
-                },
-                Err(_) => None,
-            }
+            self.job_type(job_path).await
         };
         Ok(UnitStatus {
             active_state,
@@ -125,6 +115,15 @@ impl Systemd {
             result,
             n_restarts,
         })
+    }
+
+    /// The type of a job (`start`, `stop`, `restart`, …); `None` once it has finished.
+    pub(crate) async fn job_type(&self, job: OwnedObjectPath) -> Option<String> {
+        let builder = JobProxy::builder(&self.connection)
+            .path(job)
+            .ok()?
+            .cache_properties(CacheProperties::No);
+        builder.build().await.ok()?.job_type().await.ok()
     }
 
     /// Yields each time systemd reports a change of the unit's properties (`MainPID`,

@@ -25,6 +25,7 @@ use std::{
 
 use k8s_openapi::jiff::Timestamp;
 use tokio::{sync::watch, time::Instant};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use self::{
@@ -180,13 +181,22 @@ impl Default for Options {
     }
 }
 
+/// How long the reporter may take, once the agent stops, to write the last condition and
+/// the events still queued.
+pub const LAST_WORDS: Duration = Duration::from_secs(5);
+
 /// Starts reporting what `status` carries, when the agent runs in a cluster and `turned_off`
-/// (`--no-kubernetes`) is not set; returns at once.
-/// The reporter stops when the agent drops the document's sender.
-pub fn spawn(status: watch::Receiver<StatusDocument>, turned_off: bool) {
+/// (`--no-kubernetes`) is not set; returns at once, with the reporter's task to wait for.
+/// The reporter stops when `stop` is cancelled (or the agent drops the document's sender),
+/// after it wrote what the document last said.
+pub fn spawn(
+    status: watch::Receiver<StatusDocument>,
+    turned_off: bool,
+    stop: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
     if turned_off {
         debug!("not reporting to Kubernetes: no-kubernetes is set");
-        return;
+        return None;
     }
     let detection = ClusterAccess::detect(|name| std::env::var(name).ok(), Path::exists);
     match detection {
@@ -196,18 +206,19 @@ pub fn spawn(status: watch::Receiver<StatusDocument>, turned_off: bool) {
             } else {
                 debug!("not reporting to Kubernetes: {why}");
             }
+            None
         }
-        Detection::On(access) => {
-            tokio::spawn(run(access, Options::default(), status));
-        }
+        Detection::On(access) => Some(tokio::spawn(run(access, Options::default(), status, stop))),
     }
 }
 
-/// Reports until the agent drops its end of `status`.
+/// Reports until `stop` is cancelled or the agent drops its end of `status`; then writes
+/// what the document last said, within [`LAST_WORDS`], whatever the backoff.
 pub async fn run<D: Observable>(
     access: ClusterAccess,
     options: Options,
     mut status: watch::Receiver<D>,
+    stop: CancellationToken,
 ) {
     let api = match access.client() {
         Ok(client) => NodeApi::new(client, &access.node),
@@ -255,6 +266,19 @@ pub async fn run<D: Observable>(
         tokio::select! {
             changed = status.changed() => if changed.is_err() { break },
             () = sleep_until(wake) => {}
+            () = stop.cancelled() => break,
+        }
+    }
+    // The agent stops: its last word (a verdict or action just made, say) must not be lost
+    // to a backoff or to the process's exit.
+    reporter.observe(&status.borrow_and_update().observed(), Timestamp::now());
+    if reporter.has_work(Instant::now()) {
+        match tokio::time::timeout(LAST_WORDS, reporter.flush(&api)).await {
+            Ok(Ok(())) => debug!("the last condition was written"),
+            Ok(Err(e)) => warn!("could not write the last condition to Kubernetes: {e}"),
+            Err(_) => {
+                warn!("could not write the last condition to Kubernetes within {LAST_WORDS:?}")
+            }
         }
     }
     debug!("the agent stopped: no more reports to Kubernetes");

@@ -22,6 +22,7 @@ use axum::{
 };
 use serde_json::{Value, json};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use super::{
     ClusterAccess, Detection, Options, TOKEN_FILE,
@@ -295,7 +296,12 @@ async fn the_condition_and_events_reach_the_api_server() {
     let stand_in = Arc::new(StandIn::default());
     let (addr, server) = serve(stand_in.clone(), None).await;
     let (tx, rx) = watch::channel(Doc::new(State::Starting));
-    let reporter = tokio::spawn(super::run(access(addr, "paths"), quick(), rx));
+    let reporter = tokio::spawn(super::run(
+        access(addr, "paths"),
+        quick(),
+        rx,
+        CancellationToken::new(),
+    ));
 
     tx.send_modify(|d| {
         d.state = State::Hung;
@@ -438,7 +444,12 @@ async fn kubelets_conditions_are_untouched_and_a_restart_keeps_the_transition_ti
         "nobody listens",
     ));
     let (_tx, rx) = watch::channel(doc);
-    let reporter = tokio::spawn(super::run(access(addr, "kubelet"), quick(), rx));
+    let reporter = tokio::spawn(super::run(
+        access(addr, "kubelet"),
+        quick(),
+        rx,
+        CancellationToken::new(),
+    ));
     let requests = wait_for(&stand_in, "the condition patch", |r| {
         !condition_patches(r).is_empty()
     })
@@ -461,7 +472,12 @@ async fn repeats_fold_into_one_event_and_an_expired_one_is_created_again() {
     doc.actions
         .push_back(action("2030-01-01T00:00:01Z", "back_off", "backing off", 1));
     let (tx, rx) = watch::channel(doc);
-    let reporter = tokio::spawn(super::run(access(addr, "fold"), quick(), rx));
+    let reporter = tokio::spawn(super::run(
+        access(addr, "fold"),
+        quick(),
+        rx,
+        CancellationToken::new(),
+    ));
     let requests = wait_for(&stand_in, "the back-off event", |r| creates(r).len() == 1).await;
     let name = requests
         .iter()
@@ -507,6 +523,45 @@ async fn repeats_fold_into_one_event_and_an_expired_one_is_created_again() {
 }
 
 #[tokio::test]
+async fn at_shutdown_the_last_condition_is_written_whatever_the_backoff() {
+    let stand_in = Arc::new(StandIn::default());
+    stand_in.fail_first.store(1, Ordering::SeqCst);
+    let (addr, server) = serve(stand_in.clone(), None).await;
+    let (tx, rx) = watch::channel(Doc::new(State::Healthy));
+    let stop = CancellationToken::new();
+    let slow = Options {
+        backoff_initial: Duration::from_secs(600),
+        ..quick()
+    };
+    let reporter = tokio::spawn(super::run(access(addr, "last"), slow, rx, stop.clone()));
+    // The first call fails: the reporter now waits ten minutes before it tries again.
+    wait_for(&stand_in, "the first, failed call", |r| !r.is_empty()).await;
+    tx.send_modify(|d| {
+        d.state = State::Hung;
+        d.verdicts.push_back(verdict(
+            "2030-01-01T00:00:01Z",
+            State::Hung,
+            "a connection waited 1.2 s in the accept queue; probe timed out",
+        ));
+    });
+    stop.cancel();
+    tokio::time::timeout(super::LAST_WORDS * 2, reporter)
+        .await
+        .expect("the reporter ends promptly once stopped")
+        .unwrap();
+    let requests = stand_in.requests();
+    let patches = condition_patches(&requests);
+    assert_eq!(patches.len(), 1, "{requests:#?}");
+    assert_eq!(our_condition(patches[0])["reason"], "ContainerdHung");
+    assert_eq!(
+        creates(&requests).len(),
+        1,
+        "the hung event too: {requests:#?}"
+    );
+    server.abort();
+}
+
+#[tokio::test]
 async fn failures_are_retried_with_growing_waits() {
     let stand_in = Arc::new(StandIn::default());
     stand_in.fail_first.store(3, Ordering::SeqCst);
@@ -518,7 +573,12 @@ async fn failures_are_retried_with_growing_waits() {
         "killed by SIGKILL",
     ));
     let (_tx, rx) = watch::channel(doc);
-    let reporter = tokio::spawn(super::run(access(addr, "retry"), quick(), rx));
+    let reporter = tokio::spawn(super::run(
+        access(addr, "retry"),
+        quick(),
+        rx,
+        CancellationToken::new(),
+    ));
     let requests = wait_for(&stand_in, "the condition and event after three 500s", |r| {
         !condition_patches(r).is_empty() && !creates(r).is_empty()
     })
@@ -552,7 +612,12 @@ async fn an_unreachable_api_server_never_holds_up_the_agent() {
         .local_addr()
         .unwrap();
     let (tx, rx) = watch::channel(Doc::new(State::Starting));
-    let reporter = tokio::spawn(super::run(access(addr, "unreachable"), quick(), rx));
+    let reporter = tokio::spawn(super::run(
+        access(addr, "unreachable"),
+        quick(),
+        rx,
+        CancellationToken::new(),
+    ));
 
     // The agent's side: many updates, none of which waits for the reporter.
     let started = Instant::now();
@@ -618,7 +683,12 @@ async fn a_refused_event_is_dropped_and_the_next_one_sent() {
     doc.verdicts
         .push_back(verdict("2030-01-01T00:00:02Z", State::Hung, "second"));
     let (_tx, rx) = watch::channel(doc);
-    let reporter = tokio::spawn(super::run(access(addr, "refused"), quick(), rx));
+    let reporter = tokio::spawn(super::run(
+        access(addr, "refused"),
+        quick(),
+        rx,
+        CancellationToken::new(),
+    ));
     let requests = wait_for(&stand_in, "both creates", |r| creates(r).len() == 2).await;
     assert!(
         creates(&requests)[1].body["message"]
@@ -645,7 +715,12 @@ async fn an_unchanged_condition_is_written_again_as_a_heartbeat() {
         heartbeat: Duration::from_millis(300),
         ..quick()
     };
-    let reporter = tokio::spawn(super::run(access(addr, "heartbeat"), options, rx));
+    let reporter = tokio::spawn(super::run(
+        access(addr, "heartbeat"),
+        options,
+        rx,
+        CancellationToken::new(),
+    ));
     let requests = wait_for(&stand_in, "two heartbeats", |r| {
         condition_patches(r).len() == 2
     })

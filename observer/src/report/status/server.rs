@@ -15,6 +15,7 @@ use axum::{
     routing::get,
 };
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 
 use super::{StatusDocument, millis};
 use crate::{
@@ -52,20 +53,23 @@ impl Endpoint {
             .with_state(self)
     }
 
-    /// Serves the routes on `tcp` and, when given, on `unix`, until either listener fails.
+    /// Serves the routes on `tcp` and, when given, on `unix`, until either listener fails or
+    /// `stop` is cancelled; then finishes the answers under way and returns.
     pub async fn serve(
         self,
         tcp: tokio::net::TcpListener,
         unix: Option<tokio::net::UnixListener>,
+        stop: CancellationToken,
     ) -> std::io::Result<()> {
         let app = self.router();
+        let tcp =
+            axum::serve(tcp, app.clone()).with_graceful_shutdown(stop.clone().cancelled_owned());
         match unix {
-            None => axum::serve(tcp, app).await,
+            None => tcp.await,
             Some(unix) => {
-                tokio::select! {
-                    r = axum::serve(tcp, app.clone()).into_future() => r,
-                    r = axum::serve(unix, app).into_future() => r,
-                }
+                let unix = axum::serve(unix, app).with_graceful_shutdown(stop.cancelled_owned());
+                let (tcp, unix) = tokio::join!(tcp.into_future(), unix.into_future());
+                tcp.and(unix)
             }
         }
     }
