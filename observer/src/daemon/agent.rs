@@ -63,6 +63,10 @@ const UNIT_REREAD_INTERVAL: Duration = Duration::from_secs(10);
 const LATENCY_WINDOW: Duration = Duration::from_secs(60);
 /// Recent signals kept to name an exit's cause.
 const SIGNAL_HISTORY: usize = 64;
+/// How long the main loop waits for systemd in one call: a turn must stay well within
+/// [`crate::daemon::health::LIVENESS_DEADLINE`]. Calls made off the loop have the bus's own
+/// deadline ([`CALL_DEADLINE`]).
+const LOOP_CALL_DEADLINE: Duration = Duration::from_secs(2);
 /// First and longest wait between two attempts to connect to systemd again.
 const RECONNECT_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(100), Duration::from_secs(5));
@@ -555,7 +559,7 @@ impl Agent<'_> {
         let Some(systemd) = &self.systemd else {
             return;
         };
-        let status = match tokio::time::timeout(CALL_DEADLINE, systemd.status()).await {
+        let status = match tokio::time::timeout(LOOP_CALL_DEADLINE, systemd.status()).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 warn!("cannot read the unit's state from systemd: {e}");
@@ -563,8 +567,10 @@ impl Agent<'_> {
                 return;
             }
             Err(_) => {
-                warn!("systemd did not answer within {CALL_DEADLINE:?}");
-                self.bus_lost = Some(format!("systemd did not answer within {CALL_DEADLINE:?}"));
+                warn!("systemd did not answer within {LOOP_CALL_DEADLINE:?}");
+                self.bus_lost = Some(format!(
+                    "systemd did not answer within {LOOP_CALL_DEADLINE:?}"
+                ));
                 return;
             }
         };
@@ -576,7 +582,7 @@ impl Agent<'_> {
     /// counted lost) when that fails.
     async fn follow_bus(&mut self) -> Option<BusEvents> {
         let systemd = self.systemd.as_ref()?;
-        match tokio::time::timeout(CALL_DEADLINE, systemd.changes()).await {
+        match tokio::time::timeout(LOOP_CALL_DEADLINE, systemd.changes()).await {
             Ok(Ok(stream)) => Some(Box::pin(stream)),
             Ok(Err(e)) => {
                 self.bus_lost = Some(format!("cannot follow systemd's signals: {e}"));
@@ -584,7 +590,7 @@ impl Agent<'_> {
             }
             Err(_) => {
                 self.bus_lost = Some(format!(
-                    "systemd's signals could not be subscribed to within {CALL_DEADLINE:?}"
+                    "systemd's signals could not be subscribed to within {LOOP_CALL_DEADLINE:?}"
                 ));
                 None
             }
