@@ -239,6 +239,23 @@ fn alerts_fire_on_series_scraped_through_a_crash_and_a_freeze() {
         )
         .unwrap();
     std::thread::sleep(Duration::from_secs(4));
+
+    // Cut off from the bus for over a minute: the observer can no longer restart anything.
+    let outage = sandbox.stop_bus().expect("stop the bus");
+    observer
+        .wait_for_status("the bus lost", Duration::from_secs(15), |d| {
+            d["bus"]["connected"] == false
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(66));
+    let bus_lost_until = now_s();
+    outage.end().expect("start the bus again");
+    observer
+        .wait_for_status("the bus back", Duration::from_secs(30), |d| {
+            d["bus"]["connected"] == true
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
     let before_stop = now_s();
     drop(observer);
     prometheus.wait("a failed scrape", Duration::from_secs(10), || {
@@ -277,6 +294,7 @@ fn alerts_fire_on_series_scraped_through_a_crash_and_a_freeze() {
         "containerd_observer_verdicts_total",
         "containerd_observer_restarts_total",
         "containerd_observer_state",
+        "containerd_observer_bus_connected",
         "up",
     ] {
         assert!(
@@ -289,6 +307,11 @@ fn alerts_fire_on_series_scraped_through_a_crash_and_a_freeze() {
     let rules_path = dir.join("rules.json");
     fs::write(&rules_path, rules.to_string()).unwrap();
     let at = format!("{}s", (steps - 1) * STEP_S);
+    // The last step at which the bus had been gone for the whole minute before it.
+    let cut_off_at = format!(
+        "{}s",
+        ((bus_lost_until - start) as u64 / STEP_S - 1) * STEP_S
+    );
     let instance = target.to_string();
     let labels = |extra: Value| {
         let mut l = json!({"instance": instance, "job": JOB});
@@ -316,6 +339,12 @@ fn alerts_fire_on_series_scraped_through_a_crash_and_a_freeze() {
                 {"eval_time": at, "alertname": "ContainerdRestartsGivenUp", "exp_alerts": []},
                 {"eval_time": at, "alertname": "ContainerdNotServing", "exp_alerts": []},
                 {"eval_time": at, "alertname": "ContainerdObserverNotReady", "exp_alerts": []},
+                // A minute without the bus fires; once it is back, it clears.
+                {"eval_time": cut_off_at, "alertname": "ContainerdObserverCutOffFromBus", "exp_alerts": [
+                    alert(labels(json!({"severity": "warning"})),
+                        format!("the containerd observer on {instance} cannot reach systemd"),
+                        &description(&rules, "ContainerdObserverCutOffFromBus"))]},
+                {"eval_time": at, "alertname": "ContainerdObserverCutOffFromBus", "exp_alerts": []},
                 // Down for seconds only: pending, not firing (it waits 5 minutes).
                 {"eval_time": at, "alertname": "ContainerdObserverDown", "exp_alerts": []},
             ],
