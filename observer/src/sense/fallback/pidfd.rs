@@ -4,11 +4,13 @@
 //! The fallback for the eBPF exit sensor when eBPF is unavailable (not root, no BTF,
 //! `--no-ebpf`). It needs no privilege and works for any process, child or not.
 
-use std::{
-    io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
-};
+use std::{io, os::fd::OwnedFd};
 
+use rustix::{
+    event::{PollFd, PollFlags, Timespec, poll},
+    io::Errno,
+    process::{Pid, PidfdFlags, pidfd_open},
+};
 use tokio::io::{Interest, unix::AsyncFd};
 
 /// Why [`PidExitWatch::open`] could not watch a process.
@@ -82,38 +84,29 @@ impl PidExitWatch {
     /// IO enabled. A process that no longer exists (`ESRCH`) is not an error: the watch reports
     /// [`already_gone`](Self::already_gone) and [`exited`](Self::exited) returns at once.
     pub fn open(pid: u32) -> Result<Self, PidfdError> {
-        let raw_pid = match libc::pid_t::try_from(pid) {
-            Ok(p) if p > 0 => p,
-            _ => return Err(PidfdError::InvalidPid { pid }),
+        let Some(raw_pid) = libc::pid_t::try_from(pid).ok().and_then(Pid::from_raw) else {
+            return Err(PidfdError::InvalidPid { pid });
         };
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(PidfdError::NoRuntime);
         }
-        let flags: libc::c_uint = 0;
-        // SAFETY: pidfd_open takes a pid_t and unsigned flags and touches no memory of ours.
-        let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, raw_pid, flags) };
-        if ret < 0 {
-            let err = io::Error::last_os_error();
-            return match err.raw_os_error() {
-                Some(libc::ESRCH) => Ok(Self { pid, fd: None }),
-                Some(libc::EPERM | libc::EACCES) => {
-                    Err(PidfdError::PermissionDenied { pid, source: err })
-                }
-                Some(libc::ENOSYS) => Err(PidfdError::Unsupported),
-                // Without PIDFD_THREAD, a pid that is not a thread-group leader: EINVAL on
-                // older kernels, ENOENT on newer ones (6.18 here).
-                Some(libc::EINVAL | libc::ENOENT) => Err(PidfdError::NotProcess { pid }),
-                _ => Err(PidfdError::Open { pid, source: err }),
-            };
-        }
-        let Ok(raw_fd) = libc::c_int::try_from(ret) else {
-            return Err(PidfdError::Open {
-                pid,
-                source: io::Error::other(format!("pidfd_open returned {ret}, not a descriptor")),
-            });
+        let owned = match pidfd_open(raw_pid, PidfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(errno) => {
+                let err = io::Error::from(errno);
+                return match errno {
+                    Errno::SRCH => Ok(Self { pid, fd: None }),
+                    Errno::PERM | Errno::ACCESS => {
+                        Err(PidfdError::PermissionDenied { pid, source: err })
+                    }
+                    Errno::NOSYS => Err(PidfdError::Unsupported),
+                    // Without PIDFD_THREAD, a pid that is not a thread-group leader: EINVAL on
+                    // older kernels, ENOENT on newer ones (6.18 here).
+                    Errno::INVAL | Errno::NOENT => Err(PidfdError::NotProcess { pid }),
+                    _ => Err(PidfdError::Open { pid, source: err }),
+                };
+            }
         };
-        // SAFETY: pidfd_open just returned this descriptor and nothing else owns it.
-        let owned = unsafe { OwnedFd::from_raw_fd(raw_fd) };
         // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it until the AsyncFd is
         // dropped; nothing else can close it meanwhile, and OwnedFd::as_raw_fd always returns
         // this same descriptor. On failure the error hands it back and it is closed.
@@ -159,28 +152,25 @@ impl PidExitWatch {
 /// A non-blocking poll(2) of the pidfd: `POLLIN` once the process has exited, `POLLHUP` too once
 /// it has been reaped.
 fn poll_exited(fd: &OwnedFd) -> io::Result<bool> {
-    let mut pollfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
     loop {
-        // SAFETY: one live pollfd, count 1, zero timeout.
-        let ready = unsafe { libc::poll(&mut pollfd, 1, 0) };
-        if ready < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
+        match poll(&mut fds, Some(&zero)) {
+            Ok(_) => break,
+            Err(Errno::INTR) => continue,
+            Err(errno) => return Err(errno.into()),
         }
-        if pollfd.revents & libc::POLLNVAL != 0 {
-            return Err(io::Error::other(
-                "the pidfd is no longer a valid descriptor",
-            ));
-        }
-        return Ok(pollfd.revents & (libc::POLLIN | libc::POLLHUP) != 0);
     }
+    let revents = fds[0].revents();
+    if revents.contains(PollFlags::NVAL) {
+        return Err(io::Error::other(
+            "the pidfd is no longer a valid descriptor",
+        ));
+    }
+    Ok(revents.intersects(PollFlags::IN | PollFlags::HUP))
 }
 
 #[cfg(test)]
