@@ -42,6 +42,20 @@ pub struct Cli {
 pub enum Command {
     /// Show the state of a running observer.
     Status(StatusArgs),
+    /// Check, without starting the agent, what it would use on this node: loads the kernel
+    /// programs, tries the fallbacks, probes containerd and connects to systemd. Exits 1 when
+    /// something the agent needs is missing, 2 for a bad configuration.
+    Doctor(Box<DoctorArgs>),
+}
+
+/// `observer doctor`: the agent's own flags, so it checks what the agent would use.
+#[derive(Debug, Args, Default)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Print the findings as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args, Default)]

@@ -10,9 +10,12 @@
 //! - [`daemon`]: the event loop that carries observations to the judge and its actions out,
 //!   with the process's health, systemd notification and logging.
 //! - [`config`]: flags, environment and the config file.
+//! - [`doctor`]: `observer doctor`, what the agent would use on this node, tried without
+//!   starting it.
 pub mod act;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod report;
 pub mod sense;
 

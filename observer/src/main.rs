@@ -1,12 +1,13 @@
 //! `observer`: the agent's entry point. Parses the command line, sets up logging, and runs
-//! either the agent or the `status` client.
+//! the agent, the `status` client or `doctor`.
 
 use std::{io::IsTerminal as _, process::ExitCode, time::SystemTime};
 
 use clap::Parser as _;
 use observer::{
-    config::{Cli, Command, Settings, StatusArgs},
+    config::{Cli, Command, DoctorArgs, Settings, StatusArgs},
     daemon::{agent, logging},
+    doctor,
     report::status,
 };
 
@@ -25,6 +26,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Status(args)) => runtime.block_on(show_status(args)),
+        Some(Command::Doctor(args)) => runtime.block_on(run_doctor(args)),
         None => {
             // Settings first: they say how to log.
             let settings = match Settings::resolve(&cli.run) {
@@ -96,4 +98,33 @@ async fn show_status(args: StatusArgs) -> ExitCode {
     let colour = logging::colour_allowed(std::io::stdout().is_terminal());
     print!("{}", status::summary(&doc, colour, SystemTime::now()));
     ExitCode::SUCCESS
+}
+
+/// `observer doctor`: exits 0 when the agent has what it needs here, 1 when something is
+/// missing (each with its fix), 2 for a bad configuration.
+async fn run_doctor(args: Box<DoctorArgs>) -> ExitCode {
+    let settings = match Settings::resolve(&args.run) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("observer doctor: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let report = doctor::examine(&settings).await;
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("observer doctor: cannot write the findings as JSON: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", report.render());
+    }
+    if report.ready {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }

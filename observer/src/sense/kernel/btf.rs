@@ -24,7 +24,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 /// Where the running kernel publishes its own BTF.
-const SYS_FS_PATH: &str = "/sys/kernel/btf/vmlinux";
+pub const SYS_FS_PATH: &str = "/sys/kernel/btf/vmlinux";
 
 /// The BTF magic number as it reads in the blob's own byte order.
 const MAGIC: u16 = 0xeb9f;

@@ -11,7 +11,7 @@ use observer_common::{FATAL_SIGNALS, Layout, NO_OFFSET};
 use crate::sense::kernel::btf::Btf;
 
 /// Where tracefs is usually mounted, newest convention first.
-const TRACEFS_ROOTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+pub const TRACEFS_ROOTS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
 
 /// One field of a tracepoint record, as its format file describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,7 +113,7 @@ fn read_format(category: &str, name: &str) -> Result<(PathBuf, String), String> 
 
 /// The first of [`TRACEFS_ROOTS`] where tracefs is mounted (it shows the `sched` events,
 /// which every kernel has).
-fn mounted_tracefs() -> Option<&'static str> {
+pub fn mounted_tracefs() -> Option<&'static str> {
     TRACEFS_ROOTS
         .iter()
         .copied()
