@@ -1,5 +1,6 @@
 //! The client side of `observer status`: fetches the document from a running agent, over
-//! TCP or its unix socket, with bounded waits, and says why when it cannot.
+//! TCP or its unix socket, with hyper's HTTP/1 client and bounded waits, and says why when it
+//! cannot.
 
 use std::time::Duration;
 
@@ -85,13 +86,13 @@ async fn fetch_with(
         target: target.clone(),
         waited,
     };
-    let response = match target {
+    match target {
         StatusTarget::Tcp(addr) => {
             let stream = tokio::time::timeout(connect_within, tokio::net::TcpStream::connect(addr))
                 .await
                 .map_err(|_| timeout(connect_within))?
                 .map_err(connect_error)?;
-            tokio::time::timeout(answer_within, get_over(stream, &addr.to_string()))
+            tokio::time::timeout(answer_within, get_status(stream, target, &addr.to_string()))
                 .await
                 .map_err(|_| timeout(answer_within))?
         }
@@ -101,53 +102,148 @@ async fn fetch_with(
                     .await
                     .map_err(|_| timeout(connect_within))?
                     .map_err(connect_error)?;
-            tokio::time::timeout(answer_within, get_over(stream, "localhost"))
+            tokio::time::timeout(answer_within, get_status(stream, target, "localhost"))
                 .await
                 .map_err(|_| timeout(answer_within))?
         }
     }
-    .map_err(|source| FetchError::Io {
-        target: target.clone(),
-        source,
-    })?;
-    let not_http = |detail: &str| FetchError::NotHttp {
-        target: target.clone(),
-        detail: detail.to_owned(),
-    };
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| not_http("no HTTP header in the answer"))?;
-    let head = String::from_utf8_lossy(&response[..split]);
-    let status_line = head.lines().next().unwrap_or_default();
-    if !status_line.starts_with("HTTP/1.") {
-        return Err(not_http(&format!(
-            "it began with {:?}",
-            status_line.chars().take(40).collect::<String>()
-        )));
-    }
-    if status_line.split(' ').nth(1) != Some("200") {
-        return Err(FetchError::Status {
-            target: target.clone(),
-            status_line: status_line.to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&response[split + 4..]).into_owned())
 }
 
-/// One `GET /status` over HTTP/1.0, which makes the server close the connection after a
-/// plain (not chunked) body.
-async fn get_over(
-    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+/// One `GET /status` over `stream` with hyper's HTTP/1 client, and the body of a `200` answer.
+/// `target` only names the agent in errors. Unbounded in time: the caller bounds it.
+///
+/// The entry point for reading untrusted answers: any bytes the other end sends give the
+/// document or a [`FetchError`], never a panic (see [`read_answer`] for a byte slice).
+pub async fn get_status(
+    stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    target: &StatusTarget,
     host: &str,
-) -> std::io::Result<Vec<u8>> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let request =
-        format!("GET /status HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    Ok(response)
+) -> Result<String, FetchError> {
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper::{Request, StatusCode, header};
+
+    let not_http = |e: &hyper::Error| FetchError::NotHttp {
+        target: target.clone(),
+        detail: e.to_string(),
+    };
+    let failed = |e: hyper::Error| {
+        // A parse error, or a connection closed before a whole answer: not an HTTP server.
+        if e.is_parse() || e.is_parse_status() || e.is_incomplete_message() {
+            not_http(&e)
+        } else {
+            FetchError::Io {
+                target: target.clone(),
+                source: std::io::Error::other(e),
+            }
+        }
+    };
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(failed)?;
+    // The connection is driven here, beside the request, so nothing outlives this call.
+    let request = Request::get("/status")
+        .header(header::HOST, host)
+        .header(header::ACCEPT, "application/json")
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| FetchError::Io {
+            target: target.clone(),
+            source: std::io::Error::other(e),
+        })?;
+    let exchange = async {
+        let response = sender.send_request(request).await.map_err(failed)?;
+        if response.status() != StatusCode::OK {
+            return Err(FetchError::Status {
+                target: target.clone(),
+                status_line: format!("{:?} {}", response.version(), response.status()),
+            });
+        }
+        let body = response.into_body().collect().await.map_err(failed)?;
+        Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
+    };
+    tokio::pin!(exchange);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = &mut exchange => result,
+        // The connection ended first: its error says why; else the exchange has the answer.
+        ended = &mut connection => match ended {
+            Err(e) => Err(failed(e)),
+            Ok(()) => exchange.await,
+        },
+    }
+}
+
+/// Reads `answer`, as if an agent at `target` had sent it, into the document or the error
+/// `observer status` would give; for fuzzing and tests of the reader.
+pub fn read_answer(answer: &[u8]) -> Result<String, FetchError> {
+    let target = StatusTarget::Unix("/fuzz".into());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|source| FetchError::Io {
+            target: target.clone(),
+            source,
+        })?;
+    runtime.block_on(get_status(Canned::new(answer), &target, "localhost"))
+}
+
+/// A stream that answers with fixed bytes once the request is written, then end of file, and
+/// swallows what is written (hyper takes bytes read before its request for a stray message).
+struct Canned {
+    answer: std::io::Cursor<Vec<u8>>,
+    asked: bool,
+    reader: Option<std::task::Waker>,
+}
+
+impl Canned {
+    fn new(answer: &[u8]) -> Self {
+        Self {
+            answer: std::io::Cursor::new(answer.to_vec()),
+            asked: false,
+            reader: None,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Canned {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.asked {
+            self.reader = Some(cx.waker().clone());
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.answer).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Canned {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.asked = true;
+        if let Some(reader) = self.reader.take() {
+            reader.wake();
+        }
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
 }
 
 #[cfg(test)]
@@ -232,5 +328,37 @@ mod tests {
 
         let body = with_server(Some(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n{}")).unwrap();
         assert_eq!(body, "{}");
+    }
+
+    #[test]
+    fn reads_answers_from_bytes() {
+        assert_eq!(
+            read_answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}").unwrap(),
+            "{}"
+        );
+        // A body that runs to the end of the connection (HTTP/1.0, no length) and a chunked one.
+        assert_eq!(
+            read_answer(b"HTTP/1.0 200 OK\r\n\r\n{\"a\":1}").unwrap(),
+            "{\"a\":1}"
+        );
+        assert_eq!(
+            read_answer(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+            )
+            .unwrap(),
+            "{}"
+        );
+        for garbage in [
+            &b""[..],
+            b"\0\0\0\0",
+            b"HTTP/1.1 2000 OK\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+        ] {
+            let err = read_answer(garbage).unwrap_err();
+            assert!(
+                matches!(err, FetchError::NotHttp { .. }),
+                "{garbage:?}: {err}"
+            );
+        }
     }
 }
