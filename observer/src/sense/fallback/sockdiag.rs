@@ -4,47 +4,40 @@
 //! `--no-ebpf`): [`sample_listener`] shows how many connections wait in containerd's accept
 //! queue, and [`PendingTracker`] turns successive samples into the age of the oldest one.
 //!
-//! The netlink reply is parsed by hand from untrusted bytes; every length is bounds-checked.
-//! Unix socket diagnostics need no privilege: any user sees every unix socket of its own network
-//! namespace (sockets of other network namespaces are never visible).
+//! The wire format is `netlink-packet-sock-diag`'s (`UnixRequest`, `Nla::ReceiveQueueLength`,
+//! `Nla::PendingConnections`), the socket `netlink-sys`'s; this module asks, bounds what it
+//! reads, and keeps the pending-connection bookkeeping. Unix socket diagnostics need no
+//! privilege: any user sees every unix socket of its own network namespace (sockets of other
+//! network namespaces are never visible).
 
 use std::{
     collections::HashMap,
     io,
-    os::{
-        fd::{AsRawFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
-    },
+    os::unix::ffi::{OsStrExt, OsStringExt},
     path::Path,
     time::{Duration, Instant},
 };
 
-/// `SOCK_DIAG_BY_FAMILY`, the request and reply type of sock_diag.
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLMSG_HDRLEN: usize = 16;
+use netlink_packet_core::{
+    DecodeError, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::SOCK_DIAG_BY_FAMILY,
+    unix::{
+        ShowFlags, StateFlags, UnixRequest, UnixResponse,
+        nlas::{Nla, UnixDiagName},
+    },
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+
 const NLMSG_NOOP: u16 = 1;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 const NLMSG_OVERRUN: u16 = 4;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_DUMP: u16 = 0x100 | 0x200; // NLM_F_ROOT | NLM_F_MATCH
 /// `TCP_LISTEN`, the state unix sockets share with TCP for listening.
 const TCP_LISTEN: u8 = 10;
-
-const UDIAG_SHOW_NAME: u32 = 0x01;
-const UDIAG_SHOW_ICONS: u32 = 0x08;
-const UDIAG_SHOW_RQLEN: u32 = 0x10;
-
-const UNIX_DIAG_NAME: u16 = 0;
-const UNIX_DIAG_ICONS: u16 = 3;
-const UNIX_DIAG_RQLEN: u16 = 4;
-/// Strips `NLA_F_NESTED` and `NLA_F_NET_BYTEORDER` from an attribute type.
-const NLA_TYPE_MASK: u16 = 0x3fff;
-
-/// `struct unix_diag_msg`: family, type, state, pad, inode, cookie[2].
-const UNIX_DIAG_MSG_LEN: usize = 16;
-/// `struct nlmsghdr` + `struct unix_diag_req`.
-const REQUEST_LEN: usize = NLMSG_HDRLEN + 24;
 
 /// How long one read of a dump may wait before [`sample_listener`] gives up.
 const RECV_TIMEOUT: Duration = Duration::from_secs(5);
@@ -96,7 +89,7 @@ pub enum SockDiagError {
         "malformed sock_diag reply at byte {offset}: {reason}; the reply does not match this \
          parser, please report it with the kernel version (uname -r)"
     )]
-    Malformed { offset: usize, reason: &'static str },
+    Malformed { offset: usize, reason: String },
     #[error(
         "the kernel's unix socket dump is larger than accepted here ({} MiB in one datagram, \
          {} MiB in all); this is not a normal reply, please report it with the kernel version",
@@ -157,12 +150,12 @@ pub fn sample_listener(path: &Path) -> Result<Vec<ListenerSample>, SockDiagError
     // A fresh socket receives nothing but our replies, so any sequence numbers serve; distinct
     // ones still guard against stray messages.
     let seq = std::process::id() ^ 0x5eed_d1a6;
-    let counts = dump_unix_listeners(&socket, seq, UDIAG_SHOW_NAME | UDIAG_SHOW_RQLEN)?;
+    let counts = dump_unix_listeners(&socket, seq, ShowFlags::NAME | ShowFlags::RQLEN)?;
     let mut samples = select_listeners(&counts, path);
     if samples.is_empty() {
         return Ok(samples);
     }
-    let show = UDIAG_SHOW_NAME | UDIAG_SHOW_RQLEN | UDIAG_SHOW_ICONS;
+    let show = ShowFlags::NAME | ShowFlags::RQLEN | ShowFlags::ICONS;
     let detailed = dump_unix_listeners(&socket, seq.wrapping_add(1), show)?;
     add_pending_inodes(&mut samples, &select_listeners(&detailed, path));
     Ok(samples)
@@ -248,10 +241,9 @@ fn fifo_accepted(previous: &[(u64, Instant)], current: &[u64]) -> usize {
         .unwrap_or(previous.len())
 }
 
-/// One socket from a `SOCK_DIAG_BY_FAMILY` reply, with the attributes this module asks for.
+/// One unix socket from a `SOCK_DIAG_BY_FAMILY` reply, with the attributes this module asks for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct DiagEntry {
-    family: u8,
+pub struct DiagEntry {
     state: u8,
     inode: u32,
     /// `UNIX_DIAG_NAME` as sent: a path with its trailing NUL, or an abstract name after a NUL.
@@ -266,7 +258,7 @@ struct DiagEntry {
 fn select_listeners(entries: &[DiagEntry], names: &[&[u8]]) -> Vec<ListenerSample> {
     entries
         .iter()
-        .filter(|e| e.family == libc::AF_UNIX as u8 && e.state == TCP_LISTEN)
+        .filter(|e| e.state == TCP_LISTEN)
         .filter_map(|e| {
             let name = render_name(e.name.as_deref()?)?;
             if !names.contains(&name.as_slice()) {
@@ -306,13 +298,13 @@ fn render_name(raw: &[u8]) -> Option<Vec<u8>> {
 /// Runs one `SOCK_DIAG_BY_FAMILY` dump of listening unix sockets on `socket`, showing `show`,
 /// and collects every reply.
 fn dump_unix_listeners(
-    socket: &OwnedFd,
+    socket: &Socket,
     seq: u32,
-    show: u32,
+    show: ShowFlags,
 ) -> Result<Vec<DiagEntry>, SockDiagError> {
-    send_to_kernel(socket, &build_request(seq, 1 << TCP_LISTEN, show))?;
+    send_to_kernel(socket, &build_request(seq, StateFlags::LISTEN, show))?;
     let mut entries = Vec::new();
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut buf = Vec::with_capacity(32 * 1024);
     let mut total = 0usize;
     loop {
         let Some(len) = recv_datagram(socket, &mut buf)? else {
@@ -322,9 +314,9 @@ fn dump_unix_listeners(
         if total > MAX_DUMP_BYTES {
             return Err(SockDiagError::TooLarge);
         }
-        let datagram = buf.get(..len).ok_or(SockDiagError::Malformed {
+        let datagram = buf.get(..len).ok_or_else(|| SockDiagError::Malformed {
             offset: 0,
-            reason: "datagram longer than the receive buffer",
+            reason: "datagram longer than the receive buffer".into(),
         })?;
         if parse_datagram(datagram, seq, &mut entries)? {
             return Ok(entries);
@@ -332,222 +324,150 @@ fn dump_unix_listeners(
     }
 }
 
-fn open_socket() -> Result<OwnedFd, SockDiagError> {
-    // SAFETY: plain syscall with constant arguments; the result is checked below.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(SockDiagError::Socket(io::Error::last_os_error()));
-    }
-    // SAFETY: socket(2) just returned this descriptor and nothing else owns it.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let timeout = libc::timeval {
-        tv_sec: RECV_TIMEOUT.as_secs() as libc::time_t,
-        tv_usec: 0,
-    };
-    // SAFETY: the option value points at a live timeval of the length given.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const timeout).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(SockDiagError::Socket(io::Error::last_os_error()));
-    }
+fn open_socket() -> Result<Socket, SockDiagError> {
+    let socket = Socket::new(NETLINK_SOCK_DIAG).map_err(SockDiagError::Socket)?;
+    socket2::SockRef::from(&socket)
+        .set_read_timeout(Some(RECV_TIMEOUT))
+        .map_err(SockDiagError::Socket)?;
     Ok(socket)
 }
 
-fn kernel_address() -> libc::sockaddr_nl {
-    // SAFETY: sockaddr_nl is plain data for which all-zero bytes are valid.
-    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-    addr
-}
-
-fn send_to_kernel(socket: &OwnedFd, request: &[u8]) -> Result<(), SockDiagError> {
-    let addr = kernel_address();
+fn send_to_kernel(socket: &Socket, request: &[u8]) -> Result<(), SockDiagError> {
+    let kernel = SocketAddr::new(0, 0);
     loop {
-        // SAFETY: the buffer and the address are live for the call, with the lengths given.
-        let sent = unsafe {
-            libc::sendto(
-                socket.as_raw_fd(),
-                request.as_ptr().cast(),
-                request.len(),
-                0,
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if sent < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
+        match socket.send_to(request, &kernel, 0) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(SockDiagError::Send(e)),
+            Ok(sent) if sent != request.len() => {
+                return Err(SockDiagError::Send(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "the request was sent only in part",
+                )));
             }
-            return Err(SockDiagError::Send(err));
+            Ok(_) => return Ok(()),
         }
-        if usize::try_from(sent).ok() != Some(request.len()) {
-            return Err(SockDiagError::Send(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "the request was sent only in part",
-            )));
-        }
-        return Ok(());
     }
 }
 
 /// Receives one datagram into `buf`, growing it to fit. `Ok(None)` for a datagram that did not
 /// come from the kernel, which is dropped.
-fn recv_datagram(socket: &OwnedFd, buf: &mut Vec<u8>) -> Result<Option<usize>, SockDiagError> {
+fn recv_datagram(socket: &Socket, buf: &mut Vec<u8>) -> Result<Option<usize>, SockDiagError> {
     // Peek first: MSG_TRUNC makes the kernel return the datagram's full length.
+    buf.clear();
     let needed = recv_once(socket, buf, libc::MSG_PEEK | libc::MSG_TRUNC)?.0;
     if needed > MAX_DATAGRAM {
         return Err(SockDiagError::TooLarge);
     }
-    if needed > buf.len() {
-        buf.resize(needed, 0);
-    }
+    buf.clear();
+    buf.reserve(needed);
     let (len, from) = recv_once(socket, buf, 0)?;
     if len > buf.len() {
         return Err(SockDiagError::Malformed {
             offset: 0,
-            reason: "datagram longer than the receive buffer",
+            reason: "datagram longer than the receive buffer".into(),
         });
     }
     // Only the kernel (port id 0) answers sock_diag requests.
     Ok((from == 0).then_some(len))
 }
 
-/// One recvfrom(2): the length it returned and the sender's netlink port id.
+/// One recvfrom(2) into the spare capacity of `buf`: the length it returned and the sender's
+/// netlink port id.
 fn recv_once(
-    socket: &OwnedFd,
-    buf: &mut [u8],
+    socket: &Socket,
+    buf: &mut Vec<u8>,
     flags: libc::c_int,
 ) -> Result<(usize, u32), SockDiagError> {
     loop {
-        let mut from = kernel_address();
-        let mut from_len = size_of::<libc::sockaddr_nl>() as libc::socklen_t;
-        // SAFETY: the buffer and the address are live and writable for the lengths given.
-        let got = unsafe {
-            libc::recvfrom(
-                socket.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                flags,
-                (&raw mut from).cast(),
-                &mut from_len,
-            )
-        };
-        if got < 0 {
-            let err = io::Error::last_os_error();
-            return match err.kind() {
+        return match socket.recv_from(buf, flags) {
+            Err(e) => match e.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Err(SockDiagError::Timeout),
-                _ => Err(SockDiagError::Recv(err)),
-            };
-        }
-        let got = usize::try_from(got).unwrap_or(0);
-        if got == 0 {
-            return Err(SockDiagError::Recv(io::Error::new(
+                _ => Err(SockDiagError::Recv(e)),
+            },
+            Ok((0, _)) => Err(SockDiagError::Recv(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the kernel sent an empty datagram",
-            )));
-        }
-        return Ok((got, from.nl_pid));
+            ))),
+            Ok((got, from)) => Ok((got, from.port_number())),
+        };
     }
 }
 
-/// `struct nlmsghdr` + `struct unix_diag_req` for a dump.
-fn build_request(seq: u32, states: u32, show: u32) -> [u8; REQUEST_LEN] {
-    let mut req = [0u8; REQUEST_LEN];
-    req[0..4].copy_from_slice(&(REQUEST_LEN as u32).to_ne_bytes());
-    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    req[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    req[8..12].copy_from_slice(&seq.to_ne_bytes());
-    // nlmsg_pid 0: the kernel fills in our port id.
-    req[16] = libc::AF_UNIX as u8; // sdiag_family
-    // sdiag_protocol 0, pad 0
-    req[20..24].copy_from_slice(&states.to_ne_bytes());
-    // udiag_ino 0: a dump matches every inode.
-    req[28..32].copy_from_slice(&show.to_ne_bytes());
-    // udiag_cookie: "no cookie", ignored by dumps.
-    req[32..40].copy_from_slice(&[0xff; 8]);
-    req
+/// A dump request for the unix sockets in `states`, showing `show`.
+fn build_request(seq: u32, states: StateFlags, show: ShowFlags) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = seq;
+    let mut message = NetlinkMessage::new(
+        header,
+        SockDiagMessage::UnixRequest(UnixRequest {
+            state_flags: states,
+            // A dump matches every inode, and ignores the cookie ("no cookie").
+            inode: 0,
+            show_flags: show,
+            cookie: [0xff; 8],
+        })
+        .into(),
+    );
+    message.finalize();
+    let mut request = vec![0; message.buffer_len()];
+    message.serialize(&mut request);
+    request
 }
 
 fn align4(len: usize) -> usize {
     len.saturating_add(3) & !3
 }
 
-fn read_u16(buf: &[u8], at: usize) -> Option<u16> {
-    let bytes = buf.get(at..at.checked_add(2)?)?;
-    Some(u16::from_ne_bytes([bytes[0], bytes[1]]))
-}
-
-fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
-    let bytes = buf.get(at..at.checked_add(4)?)?;
-    Some(u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
-}
-
-fn malformed(offset: usize, reason: &'static str) -> SockDiagError {
-    SockDiagError::Malformed { offset, reason }
+fn malformed(offset: usize, reason: impl std::fmt::Display) -> SockDiagError {
+    SockDiagError::Malformed {
+        offset,
+        reason: reason.to_string(),
+    }
 }
 
 /// Parses one netlink datagram of a sock_diag dump answering request `seq`, appending each
-/// socket to `out`. Returns whether the dump is complete (`NLMSG_DONE`); messages for another
-/// sequence number are skipped. Pure: everything it knows comes from `buf`.
-fn parse_datagram(buf: &[u8], seq: u32, out: &mut Vec<DiagEntry>) -> Result<bool, SockDiagError> {
+/// unix socket to `out`. Returns whether the dump is complete (`NLMSG_DONE`); messages for
+/// another sequence number, and of types a dump does not send, are skipped. Pure: everything
+/// it knows comes from `buf`, which may hold anything (the fuzzing entry point).
+pub fn parse_datagram(
+    buf: &[u8],
+    seq: u32,
+    out: &mut Vec<DiagEntry>,
+) -> Result<bool, SockDiagError> {
     let mut at = 0usize;
     while at < buf.len() {
         let rest = &buf[at..];
-        if rest.len() < NLMSG_HDRLEN {
-            return Err(malformed(at, "truncated netlink header"));
-        }
-        let len = read_u32(rest, 0).ok_or_else(|| malformed(at, "truncated netlink header"))?;
-        let len = usize::try_from(len).unwrap_or(usize::MAX);
-        let kind = read_u16(rest, 4).unwrap_or(0);
-        let msg_seq = read_u32(rest, 8).unwrap_or(0);
-        if len < NLMSG_HDRLEN {
-            return Err(malformed(at, "netlink message shorter than its header"));
-        }
-        let Some(message) = rest.get(..len) else {
-            return Err(malformed(at, "netlink message runs past the datagram"));
-        };
-        let payload = &message[NLMSG_HDRLEN..];
-        let payload_at = at + NLMSG_HDRLEN;
-        if msg_seq == seq {
-            match kind {
-                NLMSG_NOOP => {}
-                NLMSG_DONE => {
-                    // Since Linux 4.x the DONE payload carries the dump's final status.
-                    if let Some(status) = read_u32(payload, 0) {
-                        let status = status as i32;
-                        if status < 0 {
-                            return Err(kernel_error(status));
-                        }
-                    }
-                    return Ok(true);
+        let header = NetlinkBuffer::new_checked(rest).map_err(|e| malformed(at, e))?;
+        let len = usize::try_from(header.length()).unwrap_or(usize::MAX);
+        let kind = header.message_type();
+        let ours = header.sequence_number() == seq
+            && matches!(
+                kind,
+                NLMSG_NOOP | NLMSG_ERROR | NLMSG_DONE | NLMSG_OVERRUN | SOCK_DIAG_BY_FAMILY
+            );
+        if ours {
+            let message = NetlinkMessage::<SockDiagMessage>::deserialize(rest)
+                .map_err(|e: DecodeError| malformed(at, e))?;
+            match message.payload {
+                NetlinkPayload::Noop => {}
+                // Since Linux 4.x the DONE payload carries the dump's final status.
+                NetlinkPayload::Done(done) if done.code < 0 => return Err(kernel_error(done.code)),
+                NetlinkPayload::Done(_) => return Ok(true),
+                // No code: an acknowledgement, and nothing more follows.
+                NetlinkPayload::Error(error) => match error.code {
+                    None => return Ok(true),
+                    Some(code) => return Err(kernel_error(code.get())),
+                },
+                NetlinkPayload::Overrun(_) => {
+                    return Err(malformed(at, "the kernel reported an overrun"));
                 }
-                NLMSG_ERROR => {
-                    let status = read_u32(payload, 0)
-                        .ok_or_else(|| malformed(payload_at, "truncated NLMSG_ERROR"))?
-                        as i32;
-                    if status == 0 {
-                        // An acknowledgement: nothing more follows.
-                        return Ok(true);
-                    }
-                    return Err(kernel_error(status));
+                NetlinkPayload::InnerMessage(SockDiagMessage::UnixResponse(response)) => {
+                    out.push(DiagEntry::from(*response));
                 }
-                NLMSG_OVERRUN => return Err(malformed(at, "the kernel reported an overrun")),
-                SOCK_DIAG_BY_FAMILY => out.push(parse_diag_msg(payload, payload_at)?),
+                // Sockets of other families: not asked for.
+                NetlinkPayload::InnerMessage(_) => {}
                 _ => {}
             }
         }
@@ -562,58 +482,35 @@ fn kernel_error(status: i32) -> SockDiagError {
     SockDiagError::Kernel { errno }
 }
 
-/// Parses `struct unix_diag_msg` and its attributes; `base` is its offset, for error reports.
-fn parse_diag_msg(payload: &[u8], base: usize) -> Result<DiagEntry, SockDiagError> {
-    if payload.len() < UNIX_DIAG_MSG_LEN {
-        return Err(malformed(base, "truncated unix_diag_msg"));
-    }
-    let mut entry = DiagEntry {
-        family: payload[0],
-        state: payload[2],
-        inode: read_u32(payload, 4).unwrap_or(0),
-        ..DiagEntry::default()
-    };
-    let mut at = UNIX_DIAG_MSG_LEN;
-    while at < payload.len() {
-        let rest = &payload[at..];
-        let offset = base + at;
-        let (Some(len), Some(kind)) = (read_u16(rest, 0), read_u16(rest, 2)) else {
-            return Err(malformed(offset, "truncated attribute header"));
+impl From<UnixResponse> for DiagEntry {
+    fn from(response: UnixResponse) -> Self {
+        let mut entry = DiagEntry {
+            state: response.header.state,
+            inode: response.header.inode,
+            ..DiagEntry::default()
         };
-        let len = usize::from(len);
-        if len < 4 {
-            return Err(malformed(offset, "attribute shorter than its header"));
-        }
-        let Some(attr) = rest.get(4..len) else {
-            return Err(malformed(offset, "attribute runs past its message"));
-        };
-        match kind & NLA_TYPE_MASK {
-            UNIX_DIAG_NAME => entry.name = Some(attr.to_vec()),
-            UNIX_DIAG_RQLEN => {
-                let (Some(rqueue), Some(wqueue)) = (read_u32(attr, 0), read_u32(attr, 4)) else {
-                    return Err(malformed(offset, "UNIX_DIAG_RQLEN shorter than 8 bytes"));
-                };
-                entry.rqlen = Some((rqueue, wqueue));
-            }
-            UNIX_DIAG_ICONS => {
-                if attr.len() % 4 != 0 {
-                    return Err(malformed(
-                        offset,
-                        "UNIX_DIAG_ICONS not a whole number of u32",
-                    ));
+        for nla in response.nlas {
+            match nla {
+                // Kept as the kernel sends it, so that `render_name` reads both kinds alike.
+                Nla::Name(UnixDiagName::Pathname(path)) => {
+                    let mut name = path.into_vec();
+                    name.push(0);
+                    entry.name = Some(name);
                 }
-                let icons = attr
-                    .chunks_exact(4)
-                    .map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
-                entry.icons = Some(icons);
+                Nla::Name(UnixDiagName::Abstract(name)) => {
+                    let mut raw = Vec::with_capacity(name.len() + 1);
+                    raw.push(0);
+                    raw.extend_from_slice(&name);
+                    entry.name = Some(raw);
+                }
+                Nla::ReceiveQueueLength(rqueue, wqueue) => entry.rqlen = Some((rqueue, wqueue)),
+                Nla::PendingConnections(icons) => entry.icons = Some(icons),
+                // VFS, PEER, MEMINFO, SHUTDOWN, UID and anything newer: not asked for.
+                _ => {}
             }
-            // VFS, PEER, MEMINFO, SHUTDOWN, UID and anything newer: not asked for.
-            _ => {}
         }
-        at = at.saturating_add(align4(len)).min(payload.len());
+        entry
     }
-    Ok(entry)
 }
 
 #[cfg(test)]
@@ -622,6 +519,7 @@ mod tests {
     use std::{
         io::Write,
         os::{
+            fd::OwnedFd,
             linux::net::SocketAddrExt,
             unix::net::{SocketAddr, UnixListener, UnixStream},
         },
@@ -629,6 +527,18 @@ mod tests {
     };
 
     const SEQ: u32 = 77;
+    const NLMSG_HDRLEN: usize = 16;
+    const UNIX_DIAG_NAME: u16 = 0;
+    const UNIX_DIAG_ICONS: u16 = 3;
+    const UNIX_DIAG_RQLEN: u16 = 4;
+
+    fn read_u16(buf: &[u8], at: usize) -> Option<u16> {
+        Some(u16::from_ne_bytes(buf.get(at..at + 2)?.try_into().ok()?))
+    }
+
+    fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
+        Some(u32::from_ne_bytes(buf.get(at..at + 4)?.try_into().ok()?))
+    }
 
     fn nlmsg(kind: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
         let mut m = Vec::new();
@@ -707,7 +617,7 @@ mod tests {
 
     #[test]
     fn request_layout() {
-        let req = build_request(9, 1 << TCP_LISTEN, 0x19);
+        let req = build_request(9, StateFlags::LISTEN, ShowFlags::from_bits_truncate(0x19));
         assert_eq!(read_u32(&req, 0), Some(40));
         assert_eq!(read_u16(&req, 4), Some(20));
         assert_eq!(read_u16(&req, 6), Some(0x301));
@@ -785,14 +695,14 @@ mod tests {
             &[
                 rtattr(7, &1000u32.to_ne_bytes()),        // UNIX_DIAG_UID
                 rtattr(UNIX_DIAG_NAME | 0x8000, b"/p\0"), // NLA_F_NESTED set
-                rtattr(UNIX_DIAG_RQLEN, &[1, 0, 0, 0, 9, 0, 0, 0, 42, 42, 42, 42]), // longer
+                rtattr(UNIX_DIAG_RQLEN, &[1, 0, 0, 0, 9, 0, 0, 0]),
             ],
         );
         let mut datagram = nlmsg(SOCK_DIAG_BY_FAMILY, SEQ, &msg);
-        // A final attribute of 5 bytes, its padding cut off with the datagram.
-        let name = rtattr(UNIX_DIAG_NAME, b"/q");
+        // A final attribute of 7 bytes, its padding cut off with the datagram.
+        let name = rtattr(UNIX_DIAG_NAME, b"/q\0");
         let mut short = msg.clone();
-        short.extend_from_slice(&name[..6]);
+        short.extend_from_slice(&name[..7]);
         let mut last = nlmsg(SOCK_DIAG_BY_FAMILY, SEQ, &short);
         last.truncate(NLMSG_HDRLEN + short.len());
         datagram.extend_from_slice(&last);
@@ -803,7 +713,7 @@ mod tests {
             entries[0].rqlen.map(|r| r.0),
             Some(u32::from_ne_bytes([1, 0, 0, 0]))
         );
-        assert_eq!(entries[1].name.as_deref(), Some(&b"/q"[..]));
+        assert_eq!(entries[1].name.as_deref(), Some(&b"/q\0"[..]));
     }
 
     #[test]
@@ -889,6 +799,13 @@ mod tests {
         );
         let odd_icons = diag_msg(TCP_LISTEN, 1, &[rtattr(UNIX_DIAG_ICONS, &[1, 2, 3, 4, 5])]);
         assert_malformed(&nlmsg(SOCK_DIAG_BY_FAMILY, SEQ, &odd_icons), "ICONS % 4");
+        let long_rqlen = diag_msg(TCP_LISTEN, 1, &[rtattr(UNIX_DIAG_RQLEN, &[1; 12])]);
+        assert_malformed(&nlmsg(SOCK_DIAG_BY_FAMILY, SEQ, &long_rqlen), "long RQLEN");
+        let unterminated = diag_msg(TCP_LISTEN, 1, &[rtattr(UNIX_DIAG_NAME, b"/p")]);
+        assert_malformed(
+            &nlmsg(SOCK_DIAG_BY_FAMILY, SEQ, &unterminated),
+            "a path without its NUL",
+        );
     }
 
     /// A tiny xorshift generator, so the hostile-input tests need no extra crate.
