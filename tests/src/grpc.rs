@@ -1,169 +1,43 @@
-//! containerd's `Version()` over its gRPC socket, with std only: the benchmarks call it to
-//! learn the moment a restarted containerd answers, and the soak calls it steadily as load.
+//! containerd's `Version()` over its gRPC socket, for threads without a runtime: the
+//! benchmarks call it to learn the moment a restarted containerd answers, and the soak calls
+//! it steadily as load.
 //!
-//! One call is one connection: the HTTP/2 preface and an empty SETTINGS frame, one request
-//! (HPACK literals, no Huffman), then frames until the response's DATA frame. A frozen
-//! containerd never answers, so every call has its own deadline.
+//! It is the agent's own probe ([`observer::sense::probe::probe_version`]: containerd-client
+//! over tonic, one connection per call, its own deadline), so the figures measure the client
+//! the agent uses. Each calling thread keeps a current-thread runtime of its own.
 
-use std::{
-    io::{self, Read, Write},
-    os::unix::net::UnixStream,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{cell::RefCell, io, path::Path, time::Duration};
 
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const PATH: &str = "/containerd.services.version.v1.Version/Version";
+use observer::{judge::detector::ProbeFailure, sense::probe::probe_version};
 
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const PING: u8 = 0x6;
-const GOAWAY: u8 = 0x7;
-const END_STREAM: u8 = 0x1;
-const ACK: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const STREAM: u32 = 1;
+thread_local! {
+    static RUNTIME: RefCell<Option<tokio::runtime::Runtime>> = const { RefCell::new(None) };
+}
 
 /// Asks containerd at `socket` for its version and returns it, or fails within `timeout`:
-/// `ConnectionRefused` or `NotFound` when nobody listens, `TimedOut` when nobody answers,
-/// `InvalidData` when the answer is not a `VersionResponse`.
+/// `ConnectionRefused` when nobody listens, `TimedOut` when nobody answers, `Other` for any
+/// other failure (a gRPC error, a broken connection).
 pub fn containerd_version(socket: &Path, timeout: Duration) -> io::Result<String> {
-    let deadline = Instant::now() + timeout;
-    let mut stream = UnixStream::connect(socket)?;
-    stream.set_write_timeout(Some(timeout))?;
-    stream.write_all(&request())?;
-    let answer = read_answer(&mut stream, deadline);
-    // A clean goodbye keeps containerd's log free of "connection reset" lines.
-    let _ = stream.write_all(&frame(GOAWAY, 0, 0, &[0; 8]));
-    answer
-}
-
-/// Preface, SETTINGS, the request's HEADERS and its one empty message as DATA.
-fn request() -> Vec<u8> {
-    let mut block = vec![
-        0x83, // :method: POST (static table 3)
-        0x86, // :scheme: http (static table 6)
-    ];
-    literal_indexed_name(&mut block, 4, PATH); // :path
-    literal_indexed_name(&mut block, 1, "localhost"); // :authority
-    literal_indexed_name(&mut block, 31, "application/grpc"); // content-type
-    block.push(0x00); // a literal with a new name
-    string(&mut block, "te");
-    string(&mut block, "trailers");
-
-    let mut out = PREFACE.to_vec();
-    out.extend(frame(SETTINGS, 0, 0, &[]));
-    out.extend(frame(HEADERS, END_HEADERS, STREAM, &block));
-    // A gRPC message: not compressed, length 0 (VersionRequest is google.protobuf.Empty).
-    out.extend(frame(DATA, END_STREAM, STREAM, &[0, 0, 0, 0, 0]));
-    out
-}
-
-/// HPACK "literal header field without indexing, indexed name" (RFC 7541 6.2.2).
-fn literal_indexed_name(block: &mut Vec<u8>, index: usize, value: &str) {
-    integer(block, 0x00, 4, index);
-    string(block, value);
-}
-
-fn string(block: &mut Vec<u8>, value: &str) {
-    integer(block, 0x00, 7, value.len());
-    block.extend_from_slice(value.as_bytes());
-}
-
-/// HPACK integer with an `prefix_bits` prefix (RFC 7541 5.1).
-fn integer(block: &mut Vec<u8>, first: u8, prefix_bits: u32, mut value: usize) {
-    let max = (1usize << prefix_bits) - 1;
-    if value < max {
-        block.push(first | value as u8);
-        return;
-    }
-    block.push(first | max as u8);
-    value -= max;
-    while value >= 128 {
-        block.push((value % 128) as u8 | 0x80);
-        value /= 128;
-    }
-    block.push(value as u8);
-}
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    out.extend(stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
-
-/// Reads frames until the response's DATA frame, answering SETTINGS and PING on the way.
-fn read_answer(stream: &mut UnixStream, deadline: Instant) -> io::Result<String> {
-    loop {
-        let mut head = [0u8; 9];
-        read_exact_by(stream, &mut head, deadline)?;
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let (kind, flags) = (head[3], head[4]);
-        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-        let mut payload = vec![0u8; len];
-        read_exact_by(stream, &mut payload, deadline)?;
-        match kind {
-            SETTINGS if flags & ACK == 0 => stream.write_all(&frame(SETTINGS, ACK, 0, &[]))?,
-            PING if flags & ACK == 0 => stream.write_all(&frame(PING, ACK, 0, &payload))?,
-            DATA if id == STREAM => return version_of(&payload),
-            HEADERS if id == STREAM && flags & END_STREAM != 0 => {
-                return Err(invalid("the call ended without a message (a gRPC error)"));
-            }
-            RST_STREAM if id == STREAM => return Err(invalid("containerd reset the call")),
-            GOAWAY => return Err(invalid("containerd closed the connection (GOAWAY)")),
-            _ => {}
-        }
-    }
-}
-
-/// The `version` field (1) of a length-prefixed `VersionResponse`.
-fn version_of(message: &[u8]) -> io::Result<String> {
-    let body = message
-        .get(5..)
-        .ok_or_else(|| invalid("a gRPC message shorter than its 5-byte prefix"))?;
-    match body {
-        [0x0a, len, rest @ ..] if rest.len() >= *len as usize => {
-            Ok(String::from_utf8_lossy(&rest[..*len as usize]).into_owned())
-        }
-        _ => Err(invalid("the answer is not a VersionResponse")),
-    }
-}
-
-fn read_exact_by(stream: &mut UnixStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "containerd did not answer Version() in time",
-            ));
-        }
-        stream.set_read_timeout(Some(left))?;
-        match stream.read(&mut buf[filled..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => filled += n,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                continue;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn invalid(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, what.to_owned())
+    RUNTIME.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let runtime = match &mut *slot {
+            Some(runtime) => runtime,
+            empty => empty.insert(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?,
+            ),
+        };
+        let result = runtime.block_on(probe_version(socket, timeout));
+        result.outcome.map_err(|(failure, detail)| {
+            let kind = match failure {
+                ProbeFailure::Refused => io::ErrorKind::ConnectionRefused,
+                ProbeFailure::Timeout => io::ErrorKind::TimedOut,
+                ProbeFailure::Error => io::ErrorKind::Other,
+            };
+            io::Error::new(kind, detail)
+        })
+    })
 }
 
 #[cfg(test)]
@@ -171,24 +45,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hpack_integers_follow_rfc_7541() {
-        let mut block = Vec::new();
-        integer(&mut block, 0x00, 4, 31);
-        assert_eq!(block, [0x0f, 0x10]);
-        block.clear();
-        integer(&mut block, 0x00, 5, 1337);
-        assert_eq!(block, [0x1f, 0x9a, 0x0a]);
-        block.clear();
-        integer(&mut block, 0x00, 7, 10);
-        assert_eq!(block, [0x0a]);
-    }
-
-    #[test]
-    fn the_version_field_is_read_from_the_message() {
-        let message = [
-            0, 0, 0, 0, 9, 0x0a, 3, b'1', b'.', b'6', 0x12, 2, b'a', b'b',
-        ];
-        assert_eq!(version_of(&message).unwrap(), "1.6");
-        assert!(version_of(&[0, 0, 0, 0, 0]).is_err());
+    fn a_socket_nobody_listens_on_is_refused() {
+        let dir = std::env::temp_dir().join(format!("observer-tests-grpc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dead.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let err = containerd_version(&path, Duration::from_secs(1)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+        // The thread's runtime serves the next call too.
+        let err = containerd_version(&dir.join("absent.sock"), Duration::from_secs(1)).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused, "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
