@@ -451,6 +451,16 @@ pub fn event(node: &str, name: &str, occurrence: &Occurrence, at: Timestamp) -> 
 }
 
 /// The strategic-merge patch that folds a repeat into an existing event.
+///
+/// Folding stays here rather than in kube-runtime 5's `events::Recorder`, which was weighed:
+/// - it stamps an event with the time it is published (`Timestamp::now()`), while this
+///   reporter queues occurrences through an API outage and posts them later with the time
+///   they happened;
+/// - a repeat there keeps the first event's note and counts its own calls, while a repeat
+///   here carries its new message and the agent's own count;
+/// - it writes `events.k8s.io/v1`: the RBAC would change, and so would the lookup by the
+///   node's name as UID that `kubectl describe node` makes;
+/// - it brings in kube-runtime and some fifteen crates for two small pure functions here.
 pub fn event_repeat_patch(count: u32, last: Timestamp, message: &str) -> Value {
     json!({
         "count": count,
