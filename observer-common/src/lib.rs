@@ -272,13 +272,21 @@ pub struct LearnSlot {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (all): `repr(C)`, `Copy`, no implicit padding, every bit pattern valid.
+    // Each of these types is `repr(C)` and `Copy`, has no implicit padding, and every bit
+    // pattern is a valid value of it.
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Layout {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ExitEvent {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::SignalEvent {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::PendingConnection {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::AcceptEvent {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::LearnSlot {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ExePath {}
 }
 

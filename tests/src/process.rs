@@ -38,13 +38,10 @@ pub(crate) fn run_bounded(cmd: &mut Command, timeout: Duration) -> io::Result<Op
     let stdout = child.stdout.take().map(read_in_background);
     let stderr = child.stderr.take().map(read_in_background);
     let status = wait_bounded(&mut child, timeout)?;
-    let status = match status {
-        Some(status) => status,
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Ok(None);
-        }
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Ok(None);
     };
     let collect = |reader: Option<thread::JoinHandle<Vec<u8>>>| {
         reader

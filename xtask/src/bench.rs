@@ -441,7 +441,7 @@ fn results_section(results: &BenchResults, command: &str) -> String {
         .trials
         .iter()
         .filter(|t| t.error.is_some())
-        .map(|t| t.one_line())
+        .map(bench::TrialResult::one_line)
         .collect();
     if !failed.is_empty() {
         out.push_str("\nFailed trials (left out of the figures):\n\n");

@@ -268,8 +268,8 @@ fn install_signal_handlers() -> Result<()> {
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = handler as libc::sighandler_t;
             action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(signal, &action, std::ptr::null_mut())
+            libc::sigemptyset(&raw mut action.sa_mask);
+            libc::sigaction(signal, &raw const action, std::ptr::null_mut())
         };
         if result != 0 {
             return Err(std::io::Error::last_os_error())
@@ -300,7 +300,7 @@ mod tests {
     use super::*;
 
     fn args(words: &[&str]) -> Vec<String> {
-        words.iter().map(|w| w.to_string()).collect()
+        words.iter().map(ToString::to_string).collect()
     }
 
     #[test]

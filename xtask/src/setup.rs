@@ -194,7 +194,7 @@ fn check() -> Result<Vec<Step>> {
             println!(
                 "{TAG} checking Debian packages ({}): installed",
                 names.join(" ")
-            )
+            );
         }
         Some(missing) => {
             println!("{TAG} checking Debian packages: missing:");

@@ -78,10 +78,7 @@ const OWNERSHIP_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the agent until `shutdown` resolves.
-pub async fn run(
-    settings: Settings,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> Result<()> {
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(settings.status_listen)
         .await
         .with_context(|| {
@@ -875,7 +872,7 @@ impl Agent<'_> {
                 at: s.at,
             });
         }
-        let cause = (exit.source == crate::judge::detector::Source::Ebpf)
+        let cause = (exit.source == judge::detector::Source::Ebpf)
             .then(|| cause::explain(exit.pid, exit.exit_code, exit.at, &signals));
         let description = match (&cause, exit.source) {
             (Some(cause), _) => format!(

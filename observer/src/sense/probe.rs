@@ -161,7 +161,7 @@ mod tests {
             for (i, b) in path.as_os_str().as_bytes().iter().enumerate() {
                 addr.sun_path[i] = *b as libc::c_char;
             }
-            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            let len = size_of::<libc::sockaddr_un>() as libc::socklen_t;
             assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0);
             assert_eq!(libc::listen(fd, backlog), 0);
             std::os::unix::net::UnixListener::from_raw_fd(fd)
@@ -186,7 +186,7 @@ mod tests {
         let result = probe_version(&path, Duration::from_millis(300)).await;
         match &result.outcome {
             Err((ProbeFailure::Timeout, detail)) => {
-                assert!(detail.contains("backlog was full"), "{detail}")
+                assert!(detail.contains("backlog was full"), "{detail}");
             }
             other => panic!("expected a timeout on a full backlog, got {other:?}"),
         }

@@ -124,7 +124,10 @@ impl Sensors {
                 &format!("{reason}; the exit status comes from systemd after the fact"),
             ),
         };
-        let learner = kernel.as_ref().ok().and_then(|k| k.listener_learner());
+        let learner = kernel
+            .as_ref()
+            .ok()
+            .and_then(KernelSensors::listener_learner);
         record.accept_queue = match queue.running {
             Ok(notes) => {
                 sensors.queue = QueueWatch::Ebpf;

@@ -411,7 +411,7 @@ impl Machine {
             kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_default(),
-            cpus: thread::available_parallelism().map_or(0, |n| n.get()),
+            cpus: thread::available_parallelism().map_or(0, std::num::NonZero::get),
             cpu_model: cpuinfo
                 .lines()
                 .find_map(|l| l.strip_prefix("model name")?.split_once(':'))

@@ -395,7 +395,7 @@ fn child_named(parent: u32, comm: &str) -> Option<u32> {
 fn random_below(below: Duration, trial: usize) -> Duration {
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() as u64);
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
     // splitmix64
     let mut z = nanos ^ (trial as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

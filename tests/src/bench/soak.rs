@@ -52,7 +52,7 @@ impl SoakPlan {
         SoakPlan {
             duration,
             cpu_quota_percent,
-            hogs: thread::available_parallelism().map_or(2, |n| n.get()),
+            hogs: thread::available_parallelism().map_or(2, std::num::NonZero::get),
             storm: StormSpec {
                 connect_threads: 1,
                 connect_rate: Some(200),

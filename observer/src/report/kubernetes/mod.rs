@@ -140,7 +140,7 @@ impl ClusterAccess {
         if let Some(ca) = &self.ca_file {
             use rustls_pki_types::{CertificateDer, pem::PemObject as _};
             let certs = CertificateDer::pem_file_iter(ca)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .and_then(Iterator::collect::<Result<Vec<_>, _>>)
                 .map_err(|e| format!("cannot read the cluster's CA from {}: {e}", ca.display()))?;
             config.root_cert = Some(certs.into_iter().map(|c| c.to_vec()).collect());
             // kube re-reads the file as the CA rotates.
@@ -376,7 +376,7 @@ impl Reporter {
     }
 
     /// Takes in the document as it is at `now`.
-    fn observe(&mut self, observed: &report::Observed, now: Timestamp) {
+    fn observe(&mut self, observed: &report::Observed<'_>, now: Timestamp) {
         if let Some(judgement) = report::judge(observed) {
             if let Some(unhealthy) = judgement.unhealthy
                 && self.flipped.is_none_or(|(was, _)| was != unhealthy)

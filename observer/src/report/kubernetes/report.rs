@@ -75,7 +75,7 @@ pub struct Judgement {
 /// `True` for crashed, hung, unreachable, recovering (a restart is in flight: nothing
 /// serves) and stopped (an operator stopped containerd: the node cannot run pods, though the
 /// observer leaves it stopped; the reason tells it from a fault). `False` when healthy.
-pub fn judge(observed: &Observed) -> Option<Judgement> {
+pub fn judge(observed: &Observed<'_>) -> Option<Judgement> {
     let unit = observed.unit;
     let latest = |state: State| observed.verdicts.iter().rev().find(|v| v.state == state);
     let evidence = |state: State| {
@@ -254,7 +254,7 @@ impl ActionMark {
 
 impl Tracker {
     /// The occurrences new since the last look, oldest first.
-    pub fn observe(&mut self, observed: &Observed) -> Vec<Occurrence> {
+    pub fn observe(&mut self, observed: &Observed<'_>) -> Vec<Occurrence> {
         // Each with its time: the document's times have one width, so they sort as text.
         let mut found: Vec<(&str, Occurrence)> = Vec::new();
         let verdicts = observed.verdicts;

@@ -115,7 +115,7 @@ pub struct ActionRecord {
 #[derive(Debug, Clone, Serialize)]
 pub struct BudgetRecord {
     #[serde(flatten)]
-    pub allowance: crate::judge::budget::Allowance,
+    pub allowance: judge::budget::Allowance,
     pub recent_restarts: usize,
     pub max_restarts: usize,
     pub window_s: f64,
@@ -183,7 +183,7 @@ pub struct ExitRecord {
     pub pid: u32,
     pub source: Source,
     pub description: String,
-    pub cause: Option<crate::judge::cause::ExitCause>,
+    pub cause: Option<judge::cause::ExitCause>,
 }
 
 #[derive(Debug, Clone, Serialize)]

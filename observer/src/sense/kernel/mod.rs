@@ -147,6 +147,7 @@ pub struct ListenerLearner {
 impl ListenerLearner {
     /// Runs `connect` with the calling thread marked as learning listener `index`.
     pub fn while_connecting<T>(&self, index: u32, connect: impl FnOnce() -> T) -> T {
+        // SAFETY: gettid has no preconditions and cannot fail.
         let tid = unsafe { libc::gettid() } as u32;
         let Ok(mut learn) = self.learn.lock() else {
             return connect();
@@ -183,6 +184,7 @@ pub struct KernelSensors {
 impl KernelSensors {
     /// Loads the programs, attaches each one it can, and starts forwarding their events.
     pub fn load(events: mpsc::Sender<KernelEvent>) -> Result<Self, KernelError> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
         if unsafe { libc::geteuid() } != 0 {
             return Err(KernelError::NotRoot);
         }
@@ -528,7 +530,7 @@ impl KernelSensors {
         let now_ns = monotonic_now_ns();
         let mut snapshot = PendingSnapshot::default();
         let mut stale = Vec::new();
-        for entry in self.pending.iter() {
+        for entry in &self.pending {
             let Ok((skb, conn)) = entry else { continue };
             if conn.listener_index != index {
                 continue;
@@ -687,10 +689,10 @@ fn forward<T: Pod + Send + 'static>(
 }
 
 /// Every record in the ring now.
-fn read_all<T: Pod>(ring: &mut RingBuf<aya::maps::MapData>) -> Vec<T> {
+fn read_all<T: Pod>(ring: &mut RingBuf<MapData>) -> Vec<T> {
     let mut batch = Vec::new();
     while let Some(item) = ring.next() {
-        if item.len() >= std::mem::size_of::<T>() {
+        if item.len() >= size_of::<T>() {
             // SAFETY: the kernel program writes whole `T`s into this ring buffer, the length
             // was checked, and `T: Pod`; the record may be unaligned.
             batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<T>()) });
@@ -743,7 +745,7 @@ fn monotonic_now_ns() -> u64 {
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -767,7 +769,7 @@ fn raise_memlock_limit() {
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: setrlimit reads the struct we pass.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) } != 0 {
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const limit) } != 0 {
         debug!("could not lift RLIMIT_MEMLOCK; fine on kernels that account BPF memory by cgroup");
     }
 }
