@@ -178,7 +178,7 @@ fn privileges() -> Check {
             "not root (uid {euid}): eBPF cannot load, the sensors fall back to pidfd and sock_diag"
         ),
     )
-    .fix("run the agent as root (the DaemonSet runs privileged; the unit runs as root)")
+    .fix("run the agent as root with CAP_BPF and CAP_PERFMON, as the DaemonSet and the unit do")
 }
 
 fn kernel_btf() -> Check {
@@ -196,7 +196,7 @@ fn kernel_btf() -> Check {
         )
         .fix(
             "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y (every major distribution's is); \
-             in a container, mount the host's /sys",
+             in a container, mount the host's /sys/kernel/btf",
         ),
     }
 }
@@ -218,7 +218,7 @@ fn tracefs() -> Check {
             Verdict::Degraded,
             "tracefs not mounted: the tracepoint programs cannot read their record formats",
         )
-        .fix("mount -t tracefs nodev /sys/kernel/tracing (in the DaemonSet: a hostPath volume of /sys/kernel/tracing)"),
+        .fix("mount -t tracefs nodev /sys/kernel/tracing (in the DaemonSet: the host's /sys/kernel/tracing, mounted as in deploy/kubernetes/daemonset.yaml)"),
     }
 }
 
