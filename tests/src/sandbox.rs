@@ -145,7 +145,7 @@ impl BusOutage<'_> {
                 .stderr(Stdio::null())
                 .status()
                 .ok()
-                .filter(|s| s.success())
+                .filter(std::process::ExitStatus::success)
         })
         .map(drop)
         .ok_or_else(|| SandboxError::Timeout {

@@ -339,7 +339,7 @@ fn plan(sandbox: &Sandbox, dirs: &HostDirs, image: &str, name: &str) -> PodPlan 
 }
 
 /// Waits for a restart record newer than `count` entries, with `reason`, and returns it.
-fn wait_for_restart(pod: &Pod, count: usize, reason: &str) -> Value {
+fn wait_for_restart(pod: &Pod<'_>, count: usize, reason: &str) -> Value {
     let doc = pod.wait_for(
         &format!("a restart for `{reason}`"),
         Duration::from_secs(30),

@@ -208,7 +208,7 @@ impl JobWatch {
     /// Runs `work` to its end, and returns its output with the type of the first job queued
     /// on the unit meanwhile (`stop`, `start`, …; `unknown` when it finished before its type
     /// could be read).
-    pub async fn during<F: std::future::Future>(&mut self, work: F) -> (F::Output, Option<String>) {
+    pub async fn during<F: Future>(&mut self, work: F) -> (F::Output, Option<String>) {
         let mut work = std::pin::pin!(work);
         let mut seen: Option<String> = None;
         loop {

@@ -474,7 +474,7 @@ async fn carry_out(
 /// (it panicked, or it was still running at `limit` and was aborted).
 async fn bounded<T: Send + 'static>(
     limit: Duration,
-    work: impl std::future::Future<Output = T> + Send + 'static,
+    work: impl Future<Output = T> + Send + 'static,
 ) -> Result<T, String> {
     let task = tokio::spawn(work);
     let abort = task.abort_handle();
@@ -670,7 +670,7 @@ impl Agent<'_> {
         }
         match &problem {
             Some(p) => {
-                warn!(socket = %self.settings.socket.display(), "configuration problem: {p}")
+                warn!(socket = %self.settings.socket.display(), "configuration problem: {p}");
             }
             None => info!("containerd answers on {}", self.settings.socket.display()),
         }

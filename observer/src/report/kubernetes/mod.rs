@@ -277,7 +277,7 @@ pub async fn run<D: Observable>(
             Ok(Ok(())) => debug!("the last condition was written"),
             Ok(Err(e)) => warn!("could not write the last condition to Kubernetes: {e}"),
             Err(_) => {
-                warn!("could not write the last condition to Kubernetes within {LAST_WORDS:?}")
+                warn!("could not write the last condition to Kubernetes within {LAST_WORDS:?}");
             }
         }
     }
