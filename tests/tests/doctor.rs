@@ -9,10 +9,11 @@ use std::process::{Command, Output};
 use observer_tests::{OBSERVER_NEEDS, Sandbox, SandboxOptions, observer_bin, require};
 use serde_json::Value;
 
-/// `observer doctor --json` on the sandbox's socket, unit and bus, unless `args` name others.
-fn doctor(sandbox: &Sandbox, args: &[&str]) -> (Output, Value) {
+/// `observer doctor ARGS` on the sandbox's socket, unit and bus unless `args` name others,
+/// with no `OBSERVER_*` variable from the test's environment.
+fn doctor_command(sandbox: &Sandbox, args: &[&str]) -> Output {
     let mut cmd = Command::new(observer_bin().expect("the observer binary"));
-    cmd.args(["doctor", "--json"]);
+    cmd.arg("doctor");
     let named = |flag: &str| args.contains(&flag);
     if !named("--socket") {
         cmd.arg("--socket").arg(sandbox.socket());
@@ -29,7 +30,12 @@ fn doctor(sandbox: &Sandbox, args: &[&str]) -> (Output, Value) {
             cmd.env_remove(key);
         }
     }
-    let output = cmd.output().expect("run observer doctor");
+    cmd.output().expect("run observer doctor")
+}
+
+/// `observer doctor --json ARGS`, and its findings.
+fn doctor(sandbox: &Sandbox, args: &[&str]) -> (Output, Value) {
+    let output = doctor_command(sandbox, &[&["--json"], args].concat());
     let report = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
         panic!(
             "observer doctor printed no JSON ({e}); stdout: {}; stderr: {}",
@@ -133,13 +139,7 @@ fn doctor_names_the_fix_for_a_wrong_socket_or_unit() {
     assert_eq!(check(&report, "containerd")["verdict"], "ok", "{report:#}");
 
     // And the text for people says it too.
-    let text = Command::new(observer_bin().unwrap())
-        .args(["doctor", "--unit", "no-such-containerd.service"])
-        .arg("--socket")
-        .arg(sandbox.socket())
-        .args(["--bus", &sandbox.bus_address()])
-        .output()
-        .expect("run observer doctor");
+    let text = doctor_command(&sandbox, &["--unit", "no-such-containerd.service"]);
     let stdout = String::from_utf8_lossy(&text.stdout);
     assert_eq!(text.status.code(), Some(1), "{stdout}");
     assert!(
