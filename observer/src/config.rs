@@ -42,9 +42,11 @@ pub struct Cli {
 pub enum Command {
     /// Show the state of a running observer.
     Status(StatusArgs),
-    /// Check, without starting the agent, what it would use on this node: loads the kernel
-    /// programs, tries the fallbacks, probes containerd and connects to systemd. Exits 1 when
-    /// something the agent needs is missing, 2 for a bad configuration.
+    /// Check what the agent would use on this node, without starting it.
+    ///
+    /// Loads the kernel programs, tries the fallbacks, probes containerd and connects to
+    /// systemd, with the agent's own settings, and says what is missing and the fix. Exits 1
+    /// when something the agent needs is missing, 2 for a bad configuration.
     Doctor(Box<DoctorArgs>),
 }
 
