@@ -244,16 +244,19 @@ fn sensors(settings: &Settings) -> Vec<Check> {
     }
     if record.accept_queue.state == "fallback" {
         let check = &mut checks[2];
-        match sockdiag::sample_listener(&settings.socket) {
-            Err(e) => {
-                check.verdict = Verdict::Missing;
-                check.notes.push(format!("the fallback fails here: {e}"));
+        // The listeners the agent would sample (containerd's socket unless --listener says).
+        for listener in &settings.listeners {
+            match sockdiag::sample_listener(listener) {
+                Err(e) => {
+                    check.verdict = Verdict::Missing;
+                    check.notes.push(format!("the fallback fails here: {e}"));
+                }
+                Ok(samples) if samples.is_empty() => check.notes.push(format!(
+                    "sock_diag sees no listener at {} (yet)",
+                    listener.display()
+                )),
+                Ok(_) => {}
             }
-            Ok(samples) if samples.is_empty() => check.notes.push(format!(
-                "sock_diag sees no listener at {} (yet)",
-                settings.socket.display()
-            )),
-            Ok(_) => {}
         }
     }
     checks
