@@ -220,6 +220,30 @@ fn tracking_roots() -> Vec<PathBuf> {
         .collect()
 }
 
+/// The mount point of the cgroup v1 hierarchy of `controller` (`memory`, `freezer`, ...).
+pub(crate) fn controller_root(controller: &str) -> Option<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut right = right.split(' ');
+        let fstype = right.next()?;
+        let super_opts = right.nth(1).unwrap_or("");
+        (fstype == "cgroup" && super_opts.split(',').any(|opt| opt == controller))
+            .then(|| PathBuf::from(left.split(' ').nth(4).unwrap_or_default()))
+    })
+}
+
+/// The cgroup2 directory `pid` runs in (its `0::` line in `/proc/<pid>/cgroup`).
+pub(crate) fn unified_cgroup_of(pid: u32) -> Option<PathBuf> {
+    let root = mounts()
+        .into_iter()
+        .find(|(_, hierarchy)| *hierarchy == Hierarchy::Unified)?
+        .0;
+    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = cgroups.lines().find_map(|line| line.strip_prefix("0::"))?;
+    Some(root.join(path.trim_start_matches('/')))
+}
+
 fn all_roots() -> Vec<PathBuf> {
     let mut roots: Vec<PathBuf> = mounts().into_iter().map(|(point, _)| point).collect();
     roots.sort();

@@ -29,6 +29,7 @@
 
 pub mod bench;
 mod cgroup;
+pub mod fault;
 mod gate;
 mod grpc;
 pub mod image;

@@ -365,7 +365,7 @@ impl Sandbox {
     }
 
     /// The directory's name, which also names the sandbox's cgroup.
-    fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.dir
             .file_name()
             .map(|name| name.to_string_lossy().into_owned())

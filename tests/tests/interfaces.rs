@@ -206,6 +206,7 @@ fn assert_status_schema(doc: &Value) {
             "new_pid",
             "stack_dump",
             "killed_main",
+            "escalation",
         ],
     );
     assert_each(

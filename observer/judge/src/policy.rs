@@ -111,6 +111,11 @@ pub fn settled(plan: Plan) -> Option<(&'static str, String, Observation)> {
             why.clone(),
             Observation::UnitStopped { detail: why },
         ),
+        Plan::LeaveFrozen(why) => (
+            "leave_frozen",
+            why.clone(),
+            Observation::UnitStopped { detail: why },
+        ),
         Plan::Refused(why) => (
             "refused_by_systemd",
             why,
@@ -138,6 +143,9 @@ pub struct UnitStatus {
     /// The result of the unit's last run.
     pub result: String,
     pub n_restarts: u32,
+    /// systemd's freezer state of the unit: `running`, `freezing`, `frozen` or `thawing`
+    /// (empty where systemd has no freezer).
+    pub freezer_state: String,
 }
 
 /// What to do about a bad verdict, given the unit's state.
@@ -148,12 +156,23 @@ pub enum Plan {
     LeaveToSystemd(String),
     /// Someone stopped the unit: never start it.
     LeaveStopped(String),
+    /// Someone froze the unit through systemd (`systemctl freeze`): like a stop, an
+    /// operator's action; never restart it.
+    LeaveFrozen(String),
     /// systemd refuses to start it (its start limit); restarting would fail.
     Refused(String),
 }
 
 /// Decides, from systemd's view of the unit, whether restarting is ours to do.
 pub fn plan(verdict: State, unit: &UnitStatus, dead_pid: Option<u32>) -> Plan {
+    // A unit frozen through systemd hangs because someone asked for it; systemd's freezer is
+    // not a cgroup frozen behind its back, which systemd reports `running`.
+    if matches!(unit.freezer_state.as_str(), "frozen" | "freezing") {
+        return Plan::LeaveFrozen(format!(
+            "systemd reports the unit {} (FreezerState): an operator froze it, and `systemctl thaw` resumes it",
+            unit.freezer_state
+        ));
+    }
     match unit.job.as_deref() {
         Some("stop") => {
             return Plan::LeaveStopped(
@@ -298,6 +317,7 @@ mod tests {
             job: job.map(str::to_owned),
             result: "success".into(),
             n_restarts: 0,
+            freezer_state: "running".into(),
         }
     }
 
@@ -365,6 +385,28 @@ mod tests {
             plan(State::Unreachable, &u, None),
             Plan::LeaveStopped(_)
         ));
+    }
+
+    #[test]
+    fn a_unit_frozen_through_systemd_is_left_frozen() {
+        for freezer in ["frozen", "freezing"] {
+            let mut u = unit("active", "running", Some(10), None);
+            u.freezer_state = freezer.into();
+            let plan = plan(State::Hung, &u, None);
+            assert!(
+                matches!(&plan, Plan::LeaveFrozen(why) if why.contains(freezer)),
+                "{plan:?}"
+            );
+            let (action, _, observation) = settled(plan).unwrap();
+            assert_eq!(action, "leave_frozen");
+            assert!(matches!(observation, Observation::UnitStopped { .. }));
+        }
+        // Thawing, or no freezer at all: judged as usual.
+        for freezer in ["thawing", "running", ""] {
+            let mut u = unit("active", "running", Some(10), None);
+            u.freezer_state = freezer.into();
+            assert_eq!(plan(State::Hung, &u, None), Plan::Restart, "{freezer}");
+        }
     }
 
     #[test]

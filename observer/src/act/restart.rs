@@ -3,8 +3,10 @@
 //! Before acting it reads the unit as systemd sees it and never fights it: a unit systemd is
 //! already restarting is left to systemd, a unit an operator stopped stays stopped. [`plan`]
 //! is that rule, free of I/O. A restart of a hung containerd escalates: an optional goroutine
-//! dump (`SIGUSR1`), `RestartUnit(fail)`, and, if the stop hangs past a bounded grace, a
-//! `SIGKILL` of the main process through systemd rather than waiting out `TimeoutStopSec`.
+//! dump (`SIGUSR1`), `RestartUnit(fail)`, and, if the stop makes no progress (see
+//! [`super::stop`]) or outlasts `kill-grace`, a `SIGKILL` of the old main process through its
+//! pidfd rather than waiting out `TimeoutStopSec`. The pidfd names the old process only, so a
+//! new containerd that is slow to start is never killed.
 
 #[cfg(test)]
 use std::path::Path;
@@ -17,15 +19,21 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use crate::{
-    act::systemd::{Systemd, SystemdError, UnitStatus},
+    act::{
+        stop::OldProcess,
+        systemd::{Systemd, SystemdError, UnitStatus},
+    },
     judge::detector::State,
     sense::process::ProcessIdentity,
 };
 
 #[derive(Debug, Clone)]
 pub struct ActuatorConfig {
-    /// How long a hung stop may take before the main process is killed.
+    /// How long a hung stop may take before the main process is killed: the upper bound.
     pub kill_grace: Duration,
+    /// How long a stop may show no progress at all (the old process's threads, descriptors,
+    /// CPU time and state unchanged) before it is cut short, within `kill_grace`.
+    pub stop_stall: Duration,
     /// How long a whole restart job may take before it is reported as stuck.
     pub job_timeout: Duration,
     /// Ask a hung containerd for its goroutine dump before restarting it.
@@ -40,6 +48,7 @@ impl Default for ActuatorConfig {
     fn default() -> Self {
         Self {
             kill_grace: Duration::from_secs(10),
+            stop_stall: Duration::from_secs(1),
             job_timeout: Duration::from_secs(120),
             dump_stacks: true,
             stack_dump_wait: Duration::from_millis(500),
@@ -60,8 +69,10 @@ pub struct RestartOutcome {
     pub new_pid: Option<u32>,
     /// Where the goroutine dump went, or why there is none.
     pub stack_dump: Option<String>,
-    /// The stop hung past the grace and the main process was killed.
+    /// The stop hung and the old main process was killed.
     pub killed_main: bool,
+    /// Why and how the stop was cut short, when it was.
+    pub escalation: Option<String>,
 }
 
 impl RestartOutcome {
@@ -106,28 +117,86 @@ pub async fn prepare(
 }
 
 /// Restarts the unit, escalating as the verdict warrants, and waits for systemd's result.
+/// `main` is the unit's main process before the restart: the one process a hanging stop may
+/// kill.
 pub async fn restart(
     systemd: &Systemd,
     config: &ActuatorConfig,
+    main: Option<ProcessIdentity>,
     mut stack_dump: Option<StackDump>,
 ) -> RestartOutcome {
     let started = Instant::now();
+    // Pinned before the stop begins: whatever the escalation kills is this process.
+    let mut old = main.and_then(|main| OldProcess::pin(main, Instant::now()));
+    // A live main process that could not be pinned (no pidfd_open on this kernel).
+    let unpinned = main
+        .filter(|main| old.is_none() && main.is_current())
+        .map(|main| main.pid);
     let mut killed_main = false;
+    let mut escalation = None;
     let (job_result, error) = match systemd.begin_restart().await {
         Err(e) => ("error".to_owned(), Some(e.to_string())),
         Ok(mut job) => {
-            let mut outcome = job.wait(config.kill_grace).await;
-            if matches!(outcome, Ok(None)) {
-                // The stop is hanging (a process that ignores SIGTERM): kill it rather than
-                // wait out TimeoutStopSec. systemd then carries on with the start.
-                warn!(job = %job.path(), grace = ?config.kill_grace, "stop still hanging; asking systemd to SIGKILL the main process");
-                match systemd.kill_main(libc::SIGKILL).await {
-                    Ok(()) => killed_main = true,
-                    Err(e) => warn!("KillUnit failed: {e}"),
-                }
+            let stop_began = Instant::now();
+            let mut outcome = Ok(None);
+            // Until the old process is gone or killed: wait for the job in short steps and
+            // watch whether the stop makes progress.
+            while let Some(process) = old.as_mut() {
+                let waited = stop_began.elapsed();
                 outcome = job
-                    .wait(config.job_timeout.saturating_sub(config.kill_grace))
+                    .wait(STOP_SAMPLE.min(config.kill_grace.saturating_sub(waited)))
                     .await;
+                if !matches!(outcome, Ok(None)) || process.exited() {
+                    break;
+                }
+                let still = process.observe(Instant::now());
+                let waited = stop_began.elapsed();
+                let stalled = still >= config.stop_stall.min(config.kill_grace);
+                if !stalled && waited < config.kill_grace {
+                    continue;
+                }
+                let why = if stalled {
+                    format!(
+                        "the stop made no progress for {:.1} s ({})",
+                        still.as_secs_f64(),
+                        process.last().map(|s| s.to_string()).unwrap_or_default()
+                    )
+                } else {
+                    format!(
+                        "the stop still ran after kill-grace ({:?})",
+                        config.kill_grace
+                    )
+                };
+                warn!(job = %job.path(), pid = process.pid(), "{why}: killing the old process through its pidfd");
+                match process.kill() {
+                    Ok(true) => {
+                        killed_main = true;
+                        escalation = Some(format!(
+                            "{why}: SIGKILL to the old process {} through its pidfd after {:.1} s",
+                            process.pid(),
+                            waited.as_secs_f64()
+                        ));
+                    }
+                    Ok(false) => {}
+                    Err(e) => warn!("pidfd_send_signal failed: {e}"),
+                }
+                old = None;
+            }
+            if matches!(outcome, Ok(None))
+                && let Some(pid) = unpinned
+            {
+                // Without a pidfd, a kill by PID is safe only while systemd is still stopping
+                // that very process: checked at kill-grace, just before the kill.
+                outcome = job.wait(until(stop_began + config.kill_grace)).await;
+                if matches!(outcome, Ok(None))
+                    && let Some(note) = kill_if_still_stopping(systemd, pid).await
+                {
+                    killed_main = true;
+                    escalation = Some(note);
+                }
+            }
+            if matches!(outcome, Ok(None)) {
+                outcome = job.wait(until(stop_began + config.job_timeout)).await;
             }
             match outcome {
                 Ok(Some(result)) => (result, None),
@@ -155,6 +224,34 @@ pub async fn restart(
         new_pid,
         stack_dump: stack_dump.map(|d| d.note),
         killed_main,
+        escalation,
+    }
+}
+
+/// How often a hanging stop is sampled.
+const STOP_SAMPLE: Duration = Duration::from_millis(100);
+
+/// The time left until `deadline`, zero once it has passed.
+fn until(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}
+
+/// `KillUnit(main, SIGKILL)`, but only while systemd is still stopping `pid`: once the old
+/// process is gone, systemd's main process is the new containerd, which may just be slow to
+/// start, and must not be killed. Returns what was done, for the record.
+async fn kill_if_still_stopping(systemd: &Systemd, pid: u32) -> Option<String> {
+    let status = systemd.status().await.ok()?;
+    if status.active_state != "deactivating" || status.main_pid != Some(pid) {
+        return None;
+    }
+    match systemd.kill_main(libc::SIGKILL).await {
+        Ok(()) => Some(format!(
+            "the stop still ran after kill-grace and {pid} was still the unit's main process: SIGKILL through systemd (no pidfd here)"
+        )),
+        Err(e) => {
+            warn!("KillUnit failed: {e}");
+            None
+        }
     }
 }
 

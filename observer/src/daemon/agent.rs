@@ -449,7 +449,7 @@ async fn carry_out(
             restart: None,
         };
     }
-    let outcome = restart::restart(&systemd, &config, dump).await;
+    let outcome = restart::restart(&systemd, &config, main, dump).await;
     if !outcome.succeeded() {
         // `RestartUnit(fail)` refuses while another job is queued: a stop, say. Then the
         // unit's state says what happened, and a stop is left alone.
@@ -502,6 +502,7 @@ fn actuator_failed(error: String) -> ActionResult {
             new_pid: None,
             stack_dump: None,
             killed_main: false,
+            escalation: None,
         }),
     }
 }
@@ -1092,11 +1093,11 @@ impl Agent<'_> {
                 outcome.job_result,
                 millis(outcome.duration),
                 outcome.new_pid.map_or("unknown".into(), |p| p.to_string()),
-                if outcome.killed_main {
-                    " (the stop hung: the main process was killed)"
-                } else {
-                    ""
-                }
+                outcome
+                    .escalation
+                    .as_ref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
             )
         } else {
             format!(
@@ -1129,6 +1130,7 @@ impl Agent<'_> {
             new_pid: outcome.new_pid,
             stack_dump: outcome.stack_dump,
             killed_main: outcome.killed_main,
+            escalation: outcome.escalation,
         };
         self.status
             .send_modify(|d| push_bounded(&mut d.restarts, record));

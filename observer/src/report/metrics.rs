@@ -36,10 +36,11 @@ pub const ALL_STATES: [State; 7] = [
 ];
 
 /// The actuator's actions, as the status document's `actions` names them.
-const ACTIONS: [&str; 8] = [
+const ACTIONS: [&str; 9] = [
     "restart",
     "leave_to_systemd",
     "leave_stopped",
+    "leave_frozen",
     "refused_by_systemd",
     "back_off",
     "give_up",
@@ -136,7 +137,7 @@ impl Metrics {
         let actions = Family::<Labels1, Counter>::default();
         registry.register(
             "actions",
-            "Decisions the actuator carried out or declined: restart, leave_to_systemd, leave_stopped, refused_by_systemd, back_off, give_up, dry_run or paused",
+            "Decisions the actuator carried out or declined: restart, leave_to_systemd, leave_stopped, leave_frozen, refused_by_systemd, back_off, give_up, dry_run or paused",
             actions.clone(),
         );
         let state = Family::<Labels1, Gauge<i64, AtomicI64>>::default();

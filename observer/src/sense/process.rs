@@ -53,7 +53,7 @@ fn read_stat(pid: u32) -> Option<String> {
 
 /// The fields after the command name, which is in parentheses and may itself hold spaces
 /// and parentheses.
-fn fields_after_comm(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+pub(crate) fn fields_after_comm(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
     let (_, rest) = stat.rsplit_once(')')?;
     Some(rest.split_whitespace())
 }

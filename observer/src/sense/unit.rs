@@ -17,6 +17,9 @@ trait Unit {
     fn sub_state(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn load_state(&self) -> zbus::Result<String>;
+    /// `running`, `freezing`, `frozen` or `thawing` (systemd 246 and later).
+    #[zbus(property)]
+    fn freezer_state(&self) -> zbus::Result<String>;
     /// The job pending on the unit: (0, "/") when none.
     #[zbus(property)]
     fn job(&self) -> zbus::Result<(u32, OwnedObjectPath)>;
@@ -100,6 +103,8 @@ impl Systemd {
             .await
             .map_err(|source| call("Result", source))?;
         let n_restarts = service.n_restarts().await.unwrap_or(0);
+        // Older systemd has no freezer: nothing can be frozen through it there.
+        let freezer_state = unit.freezer_state().await.unwrap_or_default();
         let (job_id, job_path) = unit.job().await.map_err(|source| call("Job", source))?;
         let job = if job_id == 0 {
             None
@@ -114,6 +119,7 @@ impl Systemd {
             job,
             result,
             n_restarts,
+            freezer_state,
         })
     }
 

@@ -363,6 +363,7 @@ fn action_occurrence(a: &ActionRecord) -> Occurrence {
         "restart" => ("ContainerdRestartFailed".into(), true),
         "leave_to_systemd" => ("RestartLeftToSystemd".into(), false),
         "leave_stopped" => ("RestartSkippedUnitStopped".into(), false),
+        "leave_frozen" => ("RestartSkippedUnitFrozen".into(), false),
         "refused_by_systemd" => ("RestartRefusedBySystemd".into(), true),
         "back_off" => ("RestartBackingOff".into(), true),
         "give_up" => ("RestartGivenUp".into(), true),

@@ -100,7 +100,7 @@ impl ObserverRecord {
 #[derive(Debug, Clone, Serialize)]
 pub struct ActionRecord {
     pub at: String,
-    /// `restart`, `leave_to_systemd`, `leave_stopped`, `refused_by_systemd`, `back_off`,
+    /// `restart`, `leave_to_systemd`, `leave_stopped`, `leave_frozen`, `refused_by_systemd`, `back_off`,
     /// `give_up`, `dry_run` or `paused`.
     pub action: &'static str,
     /// The verdict that asked for it.
@@ -226,8 +226,11 @@ pub struct RestartRecord {
     pub new_pid: Option<u32>,
     /// Where containerd's goroutine dump went, for a hang.
     pub stack_dump: Option<String>,
-    /// The stop hung past the grace and systemd killed the main process.
+    /// The stop hung and the old main process was killed.
     pub killed_main: bool,
+    /// Why the stop was cut short and how (the evidence that it made no progress, or
+    /// kill-grace running out).
+    pub escalation: Option<String>,
 }
 
 /// Maps the agent's monotonic instants onto wall-clock time for display.

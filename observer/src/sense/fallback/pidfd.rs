@@ -130,6 +130,39 @@ impl PidExitWatch {
         self.fd.is_none()
     }
 
+    /// Whether the process has exited by now (it may still be a zombie), without waiting.
+    pub fn has_exited(&self) -> bool {
+        self.fd
+            .as_ref()
+            .is_none_or(|fd| poll_exited(fd.get_ref()).unwrap_or(true))
+    }
+
+    /// Sends `signal` to this very process through its pidfd (pidfd_send_signal(2)), never
+    /// to another that took its PID. `Ok(false)` when it has already exited.
+    pub fn send_signal(&self, signal: libc::c_int) -> io::Result<bool> {
+        let Some(fd) = &self.fd else {
+            return Ok(false);
+        };
+        // SAFETY: a live pidfd, a signal number, no siginfo (null) and no flags.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.get_ref().as_raw_fd(),
+                signal,
+                std::ptr::null::<libc::siginfo_t>(),
+                0u32,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::ESRCH) => Ok(false),
+            _ => Err(err),
+        }
+    }
+
     /// Returns once the process has exited (at once if it already had). Exiting means becoming
     /// a zombie: a child need not be reaped first. Cancel-safe, and it keeps returning at once
     /// after the first time.
@@ -217,6 +250,25 @@ mod tests {
             .expect("exit seen within the bound")
             .expect("exited");
         child.wait().expect("reap");
+    }
+
+    #[tokio::test]
+    async fn signals_reach_the_process_and_not_after_it_is_gone() {
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let mut watch = PidExitWatch::open(child.id()).expect("open");
+        assert!(!watch.has_exited());
+        assert!(watch.send_signal(libc::SIGKILL).expect("signal"));
+        tokio::time::timeout(BOUND, watch.exited())
+            .await
+            .expect("exit seen within the bound")
+            .expect("exited");
+        assert!(watch.has_exited());
+        child.wait().expect("reap");
+        // Reaped: its PID may be anyone's now, and the pidfd still names the dead process.
+        assert!(!watch.send_signal(libc::SIGKILL).expect("no error"));
     }
 
     #[tokio::test]
