@@ -29,6 +29,7 @@
 
 pub mod bench;
 mod cgroup;
+mod cri;
 pub mod fault;
 mod gate;
 mod grpc;
@@ -40,6 +41,7 @@ mod sandbox;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+pub use cri::list_pod_sandbox;
 pub use gate::{Need, OBSERVER_NEEDS, Skip, require};
 pub use grpc::containerd_version;
 pub use observer::{Observer, free_local_addr, observer_bin};

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use observer_tests::{
     OBSERVER_NEEDS as NEEDS,
-    bench::{self, BenchPlan, Config, Load, Scenario, soak},
+    bench::{self, BenchPlan, Config, Fault, Load, Scenario, soak},
     require,
 };
 
@@ -25,6 +25,8 @@ fn a_small_bench_measures_recovery_cost_and_slowdown() {
     }
     let plan = BenchPlan {
         scenarios: vec![Scenario::Crash],
+        // One fault of the zoo, for fused and polling-only (the references take minutes).
+        faults: vec![Fault::OomKill],
         rest: Duration::from_secs(2),
         storm: Duration::from_secs(2),
         flood: Duration::from_secs(1),
@@ -102,6 +104,25 @@ fn a_small_bench_measures_recovery_cost_and_slowdown() {
         "{:?}",
         results.aims
     );
+    assert_eq!(results.zoo_trials.len(), 2, "{:?}", results.zoo_trials);
+    for trial in &results.zoo_trials {
+        assert!(trial.error.is_none(), "{}", trial.one_line());
+        assert!(trial.right(), "one restart: {}", trial.one_line());
+        assert_eq!(
+            trial.verdict.as_deref(),
+            Some("crashed"),
+            "{}",
+            trial.one_line()
+        );
+        assert!(
+            trial
+                .fault_to_recovery_ms
+                .zip(trial.fault_to_verdict_ms)
+                .is_some_and(|(back, verdict)| back >= verdict),
+            "back after the verdict: {}",
+            trial.one_line()
+        );
+    }
     let json = serde_json::to_value(&results).expect("results serialise");
     assert!(
         json["machine"]["cpus"].as_u64().is_some_and(|n| n > 0),

@@ -24,6 +24,9 @@ use crate::{
 pub struct BenchOptions {
     pub trials: usize,
     pub reference_trials: usize,
+    pub zoo_trials: usize,
+    pub zoo_reference_trials: usize,
+    pub zoo_only: bool,
     pub quick: bool,
 }
 
@@ -34,9 +37,15 @@ pub fn bench(opts: BenchOptions) -> Result<ExitCode> {
     } else {
         BenchPlan {
             reference_trials: opts.reference_trials,
+            zoo_trials: opts.zoo_trials,
+            zoo_reference_trials: opts.zoo_reference_trials,
+            zoo_only: opts.zoo_only,
             ..BenchPlan::full(opts.trials)
         }
     };
+    if plan.zoo_only {
+        return bench_zoo(&plan);
+    }
     if plan.trials == 0 {
         bail!("--trials 0 measures nothing: give at least 1");
     }
@@ -58,12 +67,13 @@ pub fn bench(opts: BenchOptions) -> Result<ExitCode> {
 
     let headline = headline(&results);
     let body = results_section(&results, &command);
+    let zoo = zoo_table(&results, &command);
     if opts.quick {
         let dir = target_dir().join("bench");
         fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;
         write(&dir.join("quick.json"), &json)?;
-        write(&dir.join("quick.md"), &format!("{headline}\n{body}"))?;
-        println!("{headline}\n{body}");
+        write(&dir.join("quick.md"), &format!("{headline}\n{body}\n{zoo}"))?;
+        println!("{headline}\n{body}\n{zoo}");
         println!(
             "{TAG} a --quick run only checks that everything runs: results in {}, BENCHMARKS.md left alone",
             dir.display()
@@ -78,7 +88,8 @@ pub fn bench(opts: BenchOptions) -> Result<ExitCode> {
         let doc = workspace_root().join("BENCHMARKS.md");
         report::write_block(&doc, "bench-headline", &headline, "## Headline")?;
         report::write_block(&doc, "bench-results", &body, "## Results")?;
-        println!("{headline}");
+        write_zoo(&zoo)?;
+        println!("{headline}\n{zoo}");
         println!(
             "{TAG} results written to {} and {}",
             doc.display(),
@@ -90,6 +101,12 @@ pub fn bench(opts: BenchOptions) -> Result<ExitCode> {
         .trials
         .iter()
         .filter_map(|t| t.error.as_ref().map(|_| t.one_line()))
+        .chain(
+            results
+                .zoo_trials
+                .iter()
+                .filter_map(|t| t.error.as_ref().map(|_| t.one_line())),
+        )
         .chain(
             results
                 .cost
@@ -106,6 +123,156 @@ pub fn bench(opts: BenchOptions) -> Result<ExitCode> {
         eprintln!("{TAG} some measurements failed; the figures above leave them out");
         Ok(ExitCode::FAILURE)
     }
+}
+
+/// `--zoo-only`: the zoo alone, written to its own blocks and `benchmarks/zoo.json`.
+fn bench_zoo(plan: &BenchPlan) -> Result<ExitCode> {
+    println!(
+        "{TAG} bench --zoo-only: {} fault(s), {} trial(s) each for fused and polling-only, {} for each reference",
+        plan.faults.len(),
+        plan.zoo_trials,
+        plan.zoo_reference_trials
+    );
+    let results = bench::run(plan, &mut |line| println!("{TAG} {line}"));
+    let command = invocation();
+    let json = serde_json::to_string_pretty(&serde_json::json!({
+        "command": command,
+        "results": results,
+    }))
+    .context("could not serialise the results")?;
+    write(&workspace_root().join("benchmarks/zoo.json"), &json)?;
+    let zoo = zoo_table(&results, &command);
+    write_zoo(&zoo)?;
+    println!("{zoo}");
+    let failed: Vec<String> = results
+        .zoo_trials
+        .iter()
+        .filter_map(|t| t.error.as_ref().map(|_| t.one_line()))
+        .collect();
+    for line in &failed {
+        eprintln!("{TAG} failed: {line}");
+    }
+    Ok(if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The zoo's table goes to BENCHMARKS.md and, the same, to the README.
+fn write_zoo(zoo: &str) -> Result<()> {
+    report::write_block(
+        &workspace_root().join("BENCHMARKS.md"),
+        "bench-zoo",
+        zoo,
+        "## Fault zoo",
+    )?;
+    report::write_block(
+        &workspace_root().join("README.md"),
+        "bench-zoo",
+        zoo,
+        "### The fault zoo",
+    )
+}
+
+/// Fault × watchdog: time to the verdict, whether it acted and whether that was right, and
+/// time to a new containerd answering.
+fn zoo_table(results: &BenchResults, command: &str) -> String {
+    use bench::{Fault, Watchdog, zoo::ZooRow};
+    let mut out = String::new();
+    if results.zoo.is_empty() {
+        return "The fault zoo was not run.\n".into();
+    }
+    let find = |fault: Fault, watchdog: Watchdog| -> Option<&ZooRow> {
+        results
+            .zoo
+            .iter()
+            .find(|r| r.fault == fault && r.watchdog == watchdog)
+    };
+    let _ = writeln!(
+        out,
+        "From `{command}` ({}; Linux {}, {} CPUs). Each cell: fault → verdict (median); acted \
+         (trials that acted / trials) and whether that was right (✓: one restart, or one kill, \
+         where a restart is the remedy; repeated kills that bring nothing back are ✗); fault → a new containerd answering `Version()` (median). \
+         \"never\": not within the trial's window (verdict: 150 s for the observer's \
+         configurations, 30 s for the NPD-like one; recovery: 60 s after the verdict).\n",
+        results.started_at.get(..10).unwrap_or_default(),
+        results.machine.kernel,
+        results.machine.cpus
+    );
+    let watchdogs: Vec<Watchdog> = Watchdog::ALL
+        .into_iter()
+        .filter(|w| results.zoo.iter().any(|r| r.watchdog == *w))
+        .collect();
+    out.push_str("| fault |");
+    for w in &watchdogs {
+        let _ = write!(out, " {} |", w.label());
+    }
+    out.push_str("\n|---|");
+    for _ in &watchdogs {
+        out.push_str("---|");
+    }
+    out.push('\n');
+    for fault in Fault::ALL {
+        if !results.zoo.iter().any(|r| r.fault == fault) {
+            continue;
+        }
+        let _ = write!(out, "| {} |", fault.label());
+        for w in &watchdogs {
+            let cell = match find(fault, *w) {
+                None => "–".to_owned(),
+                Some(r) if r.failed == r.trials => format!("failed ({} trial(s))", r.trials),
+                Some(r) => zoo_cell(r),
+            };
+            let _ = write!(out, " {cell} |");
+        }
+        out.push('\n');
+    }
+    out.push_str("\nVerdicts and notes, by cell:\n\n");
+    for r in &results.zoo {
+        let _ = writeln!(
+            out,
+            "- {} / {}: {} trial(s){}; verdicts {}{}",
+            r.fault.label(),
+            r.watchdog.label(),
+            r.trials,
+            if r.failed > 0 {
+                format!(" ({} failed to run)", r.failed)
+            } else {
+                String::new()
+            },
+            r.verdicts.join(", "),
+            if r.notes.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", r.notes.join("; "))
+            }
+        );
+    }
+    out
+}
+
+fn zoo_cell(r: &bench::zoo::ZooRow) -> String {
+    let done = r.trials - r.failed;
+    let verdict = match r.fault_to_verdict_ms {
+        Some(s) if r.never_verdict == 0 => ms(s.median),
+        Some(s) => format!("{} ({} never)", ms(s.median), r.never_verdict),
+        None => "never".to_owned(),
+    };
+    let acted = if r.acted == 0 && r.right == done {
+        "did not act, left to systemd's `Restart=`".to_owned()
+    } else if r.acted == 0 {
+        "did not act".to_owned()
+    } else {
+        format!("acted {}/{done}", r.acted)
+    };
+    let right = if r.right == done { "✓" } else { "✗" };
+    let recovery = match r.fault_to_recovery_ms {
+        Some(s) if r.never_recovered == 0 => ms(s.median),
+        Some(s) => format!("{} ({} never)", ms(s.median), r.never_recovered),
+        None => "never".to_owned(),
+    };
+    format!("{verdict}; {acted} {right}; back in {recovery}")
 }
 
 /// Root, the release observer built, and `OBSERVER_BIN` pointing at it for the harness.

@@ -66,8 +66,9 @@ enum Task {
     /// Check formatting (cargo fmt) and lints (cargo clippy, warnings denied).
     Lint,
     /// Measure recovery from a crash, a freeze and a wedged stop (fused, polling-only and a
-    /// Gardener-like reference), the agent's cost, and its slowdown of unrelated work, on the
-    /// private sandbox (as root). Writes BENCHMARKS.md and benchmarks/results.json.
+    /// Gardener-like reference), the fault zoo against four watchdogs, the agent's cost, and
+    /// its slowdown of unrelated work, on the private sandbox (as root). Writes BENCHMARKS.md,
+    /// the README's zoo table and benchmarks/results.json.
     Bench {
         /// Trials per fault for the fused and the polling-only configurations.
         #[arg(long, default_value_t = 5)]
@@ -76,6 +77,17 @@ enum Task {
         /// parallel sandboxes). 0 leaves it out.
         #[arg(long, default_value_t = 2)]
         reference_trials: usize,
+        /// Trials per fault of the fault zoo for fused and polling-only.
+        #[arg(long, default_value_t = 2)]
+        zoo_trials: usize,
+        /// Trials per fault of the zoo for each reference watchdog (Gardener-like,
+        /// NPD-like: 2-4 minutes each, in parallel sandboxes). 0 leaves them out.
+        #[arg(long, default_value_t = 1)]
+        zoo_reference_trials: usize,
+        /// Only the fault zoo: writes its table to BENCHMARKS.md and the README and
+        /// benchmarks/zoo.json, and leaves the other figures alone.
+        #[arg(long)]
+        zoo_only: bool,
         /// One trial each, short windows, no reference: checks that everything runs in about
         /// a minute, and writes to target/bench/ instead of BENCHMARKS.md.
         #[arg(long)]
@@ -153,10 +165,16 @@ fn main() -> ExitCode {
         Task::Bench {
             trials,
             reference_trials,
+            zoo_trials,
+            zoo_reference_trials,
+            zoo_only,
             quick,
         } => bench::bench(bench::BenchOptions {
             trials,
             reference_trials,
+            zoo_trials,
+            zoo_reference_trials,
+            zoo_only,
             quick,
         }),
         Task::Soak {

@@ -121,7 +121,7 @@ impl OldProcess {
 
     /// `SIGKILL` through the pidfd: `Ok(false)` when the process had already exited.
     pub fn kill(&self) -> std::io::Result<bool> {
-        self.watch.send_signal(libc::SIGKILL)
+        self.watch.send_signal(rustix::process::Signal::KILL)
     }
 }
 

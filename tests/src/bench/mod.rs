@@ -7,7 +7,10 @@
 //! - [`cost`]: the agent's CPU and memory at rest and under a connection storm, its eBPF
 //!   programs' run counts and times, and the slowdown it causes on unrelated work;
 //! - [`soak`]: a throttled, loaded containerd watched for a long time: no restart may happen;
-//! - [`load`]: the load both put on the node, and the workloads whose slowdown is measured.
+//! - [`load`]: the load both put on the node, and the workloads whose slowdown is measured;
+//! - [`zoo`]: the fault zoo (OOM kill, cgroup freeze, descriptor exhaustion, a removed
+//!   socket, and the faults above) against the observer's configurations and two reference
+//!   watchdogs (Gardener-like, node-problem-detector-like).
 //!
 //! [`run`] carries out a [`BenchPlan`] and returns [`BenchResults`], which serialise to the
 //! JSON file that `cargo xtask bench` writes and hold every figure of `BENCHMARKS.md`.
@@ -17,6 +20,7 @@ pub mod load;
 mod procfs;
 pub mod recovery;
 pub mod soak;
+pub mod zoo;
 
 use std::{
     fs,
@@ -29,6 +33,7 @@ use serde::Serialize;
 
 pub use cost::{CostWindow, Load, Slowdown};
 pub use recovery::{Config, Scenario, TrialResult};
+pub use zoo::{Fault, Watchdog, ZooTrial};
 
 /// What one `cargo xtask bench` run measures.
 #[derive(Debug, Clone, Serialize)]
@@ -56,6 +61,15 @@ pub struct BenchPlan {
     pub warmup: Duration,
     /// Rounds of the slowdown measurement, each with and without the agent.
     pub slowdown_rounds: usize,
+    /// The zoo's faults; empty leaves the zoo out.
+    pub faults: Vec<Fault>,
+    /// Zoo trials per fault for the fused and polling-only observer.
+    pub zoo_trials: usize,
+    /// Zoo trials per fault for each reference watchdog (Gardener-like, NPD-like: minutes
+    /// each, run in parallel sandboxes). 0 leaves them out.
+    pub zoo_reference_trials: usize,
+    /// Only the zoo: no recovery trials, cost windows or slowdown.
+    pub zoo_only: bool,
     /// Length of one workload sample within a round.
     #[serde(serialize_with = "secs")]
     pub slowdown_sample: Duration,
@@ -75,6 +89,10 @@ impl BenchPlan {
             warmup: Duration::from_secs(5),
             slowdown_rounds: 10,
             slowdown_sample: Duration::from_secs(1),
+            faults: Fault::ALL.to_vec(),
+            zoo_trials: 2,
+            zoo_reference_trials: 1,
+            zoo_only: false,
         }
     }
 
@@ -92,6 +110,10 @@ impl BenchPlan {
             warmup: Duration::from_secs(1),
             slowdown_rounds: 1,
             slowdown_sample: Duration::from_millis(300),
+            faults: Fault::ALL.to_vec(),
+            zoo_trials: 1,
+            zoo_reference_trials: 0,
+            zoo_only: false,
         }
     }
 }
@@ -110,6 +132,8 @@ pub struct BenchResults {
     pub cost: Vec<CostWindow>,
     pub slowdown: Option<Slowdown>,
     pub aims: Vec<AimCheck>,
+    pub zoo_trials: Vec<ZooTrial>,
+    pub zoo: Vec<zoo::ZooRow>,
 }
 
 /// Carries out `plan`, reporting progress through `progress`, one line at a time. A trial or
@@ -118,6 +142,24 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(&str)) -> BenchResults {
     let started = Instant::now();
     let started_at = rfc3339(SystemTime::now());
     let mut trials = Vec::new();
+    let zoo_trials = run_zoo(plan, progress);
+    let zoo = zoo::summarize_zoo(&zoo_trials);
+    if plan.zoo_only {
+        return BenchResults {
+            machine: Machine::this(),
+            plan: plan.clone(),
+            started_at,
+            wall_s: started.elapsed().as_secs_f64(),
+            trials,
+            recovery: Vec::new(),
+            ratios: Vec::new(),
+            cost: Vec::new(),
+            slowdown: None,
+            aims: Vec::new(),
+            zoo_trials,
+            zoo,
+        };
+    }
 
     let fast = plan.trials * plan.scenarios.len() * plan.configs.len();
     for trial in 0..plan.trials {
@@ -215,7 +257,70 @@ pub fn run(plan: &BenchPlan, progress: &mut dyn FnMut(&str)) -> BenchResults {
         cost,
         slowdown,
         aims,
+        zoo_trials,
+        zoo,
     }
+}
+
+/// The zoo: the fast watchdogs one trial at a time, then the references in parallel
+/// sandboxes, every fault and trial at once (each takes 2-4 minutes, mostly waiting).
+fn run_zoo(plan: &BenchPlan, progress: &mut dyn FnMut(&str)) -> Vec<ZooTrial> {
+    let mut out = Vec::new();
+    let fast: Vec<Watchdog> = Watchdog::ALL
+        .into_iter()
+        .filter(|w| !w.is_reference())
+        .collect();
+    let total = plan.zoo_trials * plan.faults.len() * fast.len();
+    for trial in 0..plan.zoo_trials {
+        for &fault in &plan.faults {
+            let mut order = fast.clone();
+            if trial % 2 == 1 {
+                order.reverse();
+            }
+            for watchdog in order {
+                let result = zoo::run_trial(fault, watchdog, trial);
+                progress(&format!(
+                    "zoo [{}/{total}] {}",
+                    out.len() + 1,
+                    result.one_line()
+                ));
+                out.push(result);
+            }
+        }
+    }
+    if plan.zoo_reference_trials == 0 || plan.faults.is_empty() {
+        return out;
+    }
+    progress(&format!(
+        "zoo references: {} trial(s) of each fault for the Gardener-like and the NPD-like watchdog, in parallel sandboxes (2-4 min)",
+        plan.zoo_reference_trials
+    ));
+    let handles: Vec<_> = Watchdog::ALL
+        .into_iter()
+        .filter(|w| w.is_reference())
+        .flat_map(|watchdog| plan.faults.iter().map(move |&fault| (fault, watchdog)))
+        .flat_map(|(fault, watchdog)| {
+            (0..plan.zoo_reference_trials).map(move |trial| (fault, watchdog, trial))
+        })
+        .enumerate()
+        .map(|(i, (fault, watchdog, trial))| {
+            let result = thread::spawn(move || {
+                // Staggered, so the sandboxes do not all start at once.
+                thread::sleep(Duration::from_millis(700) * i as u32);
+                zoo::run_trial(fault, watchdog, trial)
+            });
+            (fault, watchdog, trial, result)
+        })
+        .collect();
+    for (fault, watchdog, trial, handle) in handles {
+        let result = handle.join().unwrap_or_else(|_| ZooTrial {
+            error: Some("the trial's thread panicked".into()),
+            ..ZooTrial::empty(fault, watchdog, trial)
+        });
+        progress(&format!("zoo {}", result.one_line()));
+        out.push(result);
+    }
+    out
 }
 
 /// One of the project's aims, and whether this run met it.

@@ -58,7 +58,7 @@ impl Scenario {
 
     /// The unit: `Restart=no` so every restart is the observer's; for the wedge, a shell
     /// that traps `TERM` runs containerd as its child.
-    fn sandbox_options(self) -> SandboxOptions {
+    pub(crate) fn sandbox_options(self) -> SandboxOptions {
         match self {
             Scenario::Crash | Scenario::Freeze => SandboxOptions::new(),
             Scenario::Wedge => {
@@ -120,7 +120,7 @@ impl Config {
         }
     }
 
-    fn probe_interval(self) -> Duration {
+    pub(crate) fn probe_interval(self) -> Duration {
         match self {
             Config::Fused | Config::PollingOnly => Duration::from_secs(2),
             Config::GardenerLike => Duration::from_secs(30),
@@ -128,7 +128,7 @@ impl Config {
     }
 
     /// How long a verdict may take before the trial counts as failed.
-    fn verdict_timeout(self) -> Duration {
+    pub(crate) fn verdict_timeout(self) -> Duration {
         match self {
             Config::Fused | Config::PollingOnly => Duration::from_secs(30),
             Config::GardenerLike => Duration::from_secs(150),
@@ -136,7 +136,7 @@ impl Config {
     }
 
     /// How often the trial reads `/status` while it waits for the verdict.
-    fn status_poll(self) -> Duration {
+    pub(crate) fn status_poll(self) -> Duration {
         match self {
             Config::Fused | Config::PollingOnly => Duration::from_millis(10),
             Config::GardenerLike => Duration::from_millis(100),
@@ -149,7 +149,7 @@ impl Config {
 pub(crate) const LOG_ARGS: [&str; 2] = ["--log-level", "info"];
 
 /// How long a restart, from the verdict to a new containerd answering, may take.
-const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One trial.
 #[derive(Debug, Clone, Serialize)]
@@ -318,7 +318,7 @@ fn measure(scenario: Scenario, config: Config, trial: usize) -> Result<TrialTime
 }
 
 /// Reads `/status` until a crashed, hung or unreachable verdict from after the fault.
-fn wait_for_verdict(
+pub(crate) fn wait_for_verdict(
     observer: &Observer,
     fault_wall: SystemTime,
     config: Config,
@@ -352,7 +352,7 @@ fn wait_for_verdict(
 
 /// Time from `fault` to the first `Version()` answered by a containerd of a new main process,
 /// waiting up to `within` from now.
-fn first_answer(
+pub(crate) fn first_answer(
     sandbox: &Sandbox,
     old_main: u32,
     fault: Instant,
@@ -383,7 +383,7 @@ fn first_answer(
 }
 
 /// The first child of `parent` whose command is `comm`.
-fn child_named(parent: u32, comm: &str) -> Option<u32> {
+pub(crate) fn child_named(parent: u32, comm: &str) -> Option<u32> {
     let children = fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).ok()?;
     children
         .split_whitespace()
@@ -392,7 +392,7 @@ fn child_named(parent: u32, comm: &str) -> Option<u32> {
 }
 
 /// A pseudo-random duration in `[0, below)`: seeded by the clock and the trial number.
-fn random_below(below: Duration, trial: usize) -> Duration {
+pub(crate) fn random_below(below: Duration, trial: usize) -> Duration {
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| u64::from(d.subsec_nanos()));

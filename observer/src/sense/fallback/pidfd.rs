@@ -9,7 +9,7 @@ use std::{io, os::fd::OwnedFd};
 use rustix::{
     event::{PollFd, PollFlags, Timespec, poll},
     io::Errno,
-    process::{Pid, PidfdFlags, pidfd_open},
+    process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal},
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -139,27 +139,14 @@ impl PidExitWatch {
 
     /// Sends `signal` to this very process through its pidfd (pidfd_send_signal(2)), never
     /// to another that took its PID. `Ok(false)` when it has already exited.
-    pub fn send_signal(&self, signal: libc::c_int) -> io::Result<bool> {
+    pub fn send_signal(&self, signal: Signal) -> io::Result<bool> {
         let Some(fd) = &self.fd else {
             return Ok(false);
         };
-        // SAFETY: a live pidfd, a signal number, no siginfo (null) and no flags.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.get_ref().as_raw_fd(),
-                signal,
-                std::ptr::null::<libc::siginfo_t>(),
-                0u32,
-            )
-        };
-        if rc == 0 {
-            return Ok(true);
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::ESRCH) => Ok(false),
-            _ => Err(err),
+        match pidfd_send_signal(fd.get_ref(), signal) {
+            Ok(()) => Ok(true),
+            Err(Errno::SRCH) => Ok(false),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -260,7 +247,7 @@ mod tests {
             .expect("spawn sleep");
         let mut watch = PidExitWatch::open(child.id()).expect("open");
         assert!(!watch.has_exited());
-        assert!(watch.send_signal(libc::SIGKILL).expect("signal"));
+        assert!(watch.send_signal(Signal::KILL).expect("signal"));
         tokio::time::timeout(BOUND, watch.exited())
             .await
             .expect("exit seen within the bound")
@@ -268,7 +255,7 @@ mod tests {
         assert!(watch.has_exited());
         child.wait().expect("reap");
         // Reaped: its PID may be anyone's now, and the pidfd still names the dead process.
-        assert!(!watch.send_signal(libc::SIGKILL).expect("no error"));
+        assert!(!watch.send_signal(Signal::KILL).expect("no error"));
     }
 
     #[tokio::test]

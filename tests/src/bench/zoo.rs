@@ -1,0 +1,629 @@
+//! The fault zoo as a benchmark: every fault of [`crate::fault`] (and the crash, freeze and
+//! wedged stop of [`super::recovery`]) against four watchdogs, each timed the same way:
+//! from the fault to the watchdog's verdict, whether it acted, whether acting was right, and
+//! from the fault to the first `Version()` a new containerd answers.
+//!
+//! The watchdogs:
+//! - the observer, fused (default) and polling-only, and as the Gardener-like reference
+//!   (`Version()` every 30 s, restart after about 60 s of failure): [`Config`];
+//! - a node-problem-detector-like reference, as NPD's shipped containerd health check does it:
+//!   CRI `ListPodSandbox` (what `crictl pods --latest` asks) every 10 s with a 10 s deadline;
+//!   one failure kills the main process (`systemctl kill --kill-who=main`, SIGTERM), but not
+//!   within 2 minutes of the unit's start. It relies on the unit's `Restart=always` to bring
+//!   containerd back, so its sandbox has the packaged unit's `Restart=always`,
+//!   `RestartSec=5`; the observer's sandboxes have `Restart=no`, so that every restart there
+//!   is the observer's.
+//!
+//! Every sandbox here keeps systemd's default `TimeoutStopSec` (90 s), as the packaged unit
+//! does, so a stop that hangs is cut short by the watchdog or not at all.
+//!
+//! A watchdog that never reaches a verdict, or whose action never brings a new containerd,
+//! is recorded as such ("never"), within bounded windows.
+
+use std::{
+    fs,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{
+    Summary, parse_rfc3339,
+    recovery::{
+        Config, LOG_ARGS, RECOVERY_TIMEOUT, Scenario, child_named, first_answer, random_below,
+        wait_for_verdict,
+    },
+    summarize, wall_ms,
+};
+use crate::{Observer, Sandbox, SandboxOptions, cri::list_pod_sandbox, fault, signal};
+
+/// A fault of the zoo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// `SIGKILL` of containerd.
+    Crash,
+    /// The kernel's memcg OOM killer ends containerd.
+    OomKill,
+    /// `SIGSTOP` of containerd.
+    Freeze,
+    /// The cgroup2 freezer of containerd's cgroup.
+    CgroupFreeze,
+    /// containerd out of file descriptors, its backlog growing.
+    FdExhaustion,
+    /// `SIGSTOP` of containerd under a main process that ignores `SIGTERM`.
+    Wedge,
+    /// containerd's socket file moved away while it runs.
+    SocketRemoved,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 7] = [
+        Fault::Crash,
+        Fault::OomKill,
+        Fault::Freeze,
+        Fault::CgroupFreeze,
+        Fault::FdExhaustion,
+        Fault::Wedge,
+        Fault::SocketRemoved,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Fault::Crash => "crash (SIGKILL)",
+            Fault::OomKill => "OOM kill (memory cgroup limit)",
+            Fault::Freeze => "freeze (SIGSTOP)",
+            Fault::CgroupFreeze => "cgroup freeze (cgroup.freeze)",
+            Fault::FdExhaustion => "descriptor exhaustion (RLIMIT_NOFILE, EMFILE)",
+            Fault::Wedge => "wedged stop (SIGSTOP, SIGTERM ignored)",
+            Fault::SocketRemoved => "socket file removed",
+        }
+    }
+
+    /// Whether a restart of containerd is the remedy: for every fault here, yes (containerd
+    /// binds its socket anew at start, so even a removed socket file is cured by one).
+    pub fn restart_is_right(self) -> bool {
+        true
+    }
+
+    fn sandbox_options(self) -> SandboxOptions {
+        let base = match self {
+            Fault::Wedge => Scenario::Wedge.sandbox_options(),
+            _ => SandboxOptions::new(),
+        };
+        base.service_extra("TimeoutStopSec=90s")
+    }
+
+    /// Faults after which nothing can queue on containerd's listener: our own `Version()`
+    /// client may ask from the start without handing the kernel sensor a stale connection.
+    fn answers_early(self) -> bool {
+        matches!(self, Fault::Crash | Fault::OomKill | Fault::SocketRemoved)
+    }
+
+    /// Injects the fault into `target` (containerd's process) and returns the guard that
+    /// undoes it.
+    fn inject(self, sandbox: &Sandbox, target: u32) -> Result<Injected, String> {
+        let e = |e: crate::SandboxError| e.to_string();
+        Ok(match self {
+            Fault::Crash => {
+                signal(target, libc::SIGKILL);
+                Injected::Nothing
+            }
+            Fault::Freeze | Fault::Wedge => {
+                signal(target, libc::SIGSTOP);
+                Injected::Nothing
+            }
+            Fault::OomKill => {
+                let limit = fault::MemoryLimit::squeeze(sandbox, target, 64 << 10).map_err(e)?;
+                // containerd allocates as it serves; one call of ours hurries it.
+                let _ = crate::containerd_version(sandbox.socket(), Duration::from_millis(500));
+                Injected::Memory(limit)
+            }
+            Fault::CgroupFreeze => {
+                Injected::Frozen(fault::CgroupFreeze::freeze(sandbox, target).map_err(e)?)
+            }
+            Fault::FdExhaustion => Injected::Descriptors(
+                fault::FdExhaustion::exhaust(sandbox.socket(), target, 4, 8).map_err(e)?,
+            ),
+            Fault::SocketRemoved => {
+                Injected::Socket(fault::SocketMoved::inject(sandbox.socket(), false).map_err(e)?)
+            }
+        })
+    }
+}
+
+/// The guard of an injected fault, held until the trial ends.
+#[derive(Debug)]
+#[allow(dead_code)] // Held for its Drop.
+enum Injected {
+    Nothing,
+    Memory(fault::MemoryLimit),
+    Frozen(fault::CgroupFreeze),
+    Descriptors(fault::FdExhaustion),
+    Socket(fault::SocketMoved),
+}
+
+/// A watchdog of the comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Watchdog {
+    /// The observer in one of its configurations.
+    Observer(Config),
+    /// The node-problem-detector-like reference.
+    NpdLike,
+}
+
+impl Watchdog {
+    pub const ALL: [Watchdog; 4] = [
+        Watchdog::Observer(Config::Fused),
+        Watchdog::Observer(Config::PollingOnly),
+        Watchdog::Observer(Config::GardenerLike),
+        Watchdog::NpdLike,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Watchdog::Observer(config) => config.label(),
+            Watchdog::NpdLike => "NPD-like reference",
+        }
+    }
+
+    /// The references: long periods, so they run in parallel sandboxes with fewer trials.
+    pub fn is_reference(self) -> bool {
+        matches!(
+            self,
+            Watchdog::Observer(Config::GardenerLike) | Watchdog::NpdLike
+        )
+    }
+}
+
+/// What one trial of one fault against one watchdog came to. Times in ms from the fault.
+#[derive(Debug, Clone, Serialize)]
+pub struct ZooTrial {
+    pub fault: Fault,
+    pub watchdog: Watchdog,
+    pub trial: usize,
+    /// The watchdog's verdict (`crashed`, `hung`, `unreachable`; `ListPodSandbox failed` for
+    /// the NPD-like one); `None`: it never reached one.
+    pub verdict: Option<String>,
+    pub evidence: Vec<String>,
+    pub fault_to_verdict_ms: Option<f64>,
+    /// How many times it acted (restarts, or kills for the NPD-like one).
+    pub actions: usize,
+    /// From the fault to the first `Version()` of a new containerd; `None`: never, within
+    /// the trial's window.
+    pub fault_to_recovery_ms: Option<f64>,
+    /// Something a reader of the table should know (who restarted it, say).
+    pub note: Option<String>,
+    /// A new containerd came from systemd's own `Restart=` while the watchdog did nothing:
+    /// its inaction was right (the NPD-like sandbox has `Restart=always`).
+    pub recovered_by_systemd: bool,
+    pub error: Option<String>,
+    pub wall_s: f64,
+}
+
+impl ZooTrial {
+    /// A trial that measured nothing yet.
+    pub fn empty(fault: Fault, watchdog: Watchdog, trial: usize) -> Self {
+        ZooTrial {
+            fault,
+            watchdog,
+            trial,
+            verdict: None,
+            evidence: Vec::new(),
+            fault_to_verdict_ms: None,
+            actions: 0,
+            fault_to_recovery_ms: None,
+            note: None,
+            recovered_by_systemd: false,
+            error: None,
+            wall_s: 0.0,
+        }
+    }
+
+    pub fn acted(&self) -> bool {
+        self.actions > 0
+    }
+
+    /// Acting was right: it acted, once, where a restart is the remedy (or left it to
+    /// systemd's own restart), or not at all where none is.
+    pub fn right(&self) -> bool {
+        if self.fault.restart_is_right() {
+            self.actions == 1 || (self.actions == 0 && self.recovered_by_systemd)
+        } else {
+            self.actions == 0
+        }
+    }
+
+    pub fn one_line(&self) -> String {
+        let what = format!(
+            "{} / {} #{}",
+            self.fault.label(),
+            self.watchdog.label(),
+            self.trial + 1
+        );
+        if let Some(err) = &self.error {
+            return format!("{what}: FAILED: {err}");
+        }
+        let opt = |v: Option<f64>| v.map_or("never".to_owned(), |ms| format!("{ms:.0} ms"));
+        format!(
+            "{what}: verdict {} after {}, {} action(s) ({}), recovered after {}{}",
+            self.verdict.as_deref().unwrap_or("none"),
+            opt(self.fault_to_verdict_ms),
+            self.actions,
+            if self.right() { "right" } else { "wrong" },
+            opt(self.fault_to_recovery_ms),
+            self.note
+                .as_ref()
+                .map(|n| format!("; {n}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
+/// Runs one trial in fresh sandboxes.
+pub fn run_trial(fault: Fault, watchdog: Watchdog, trial: usize) -> ZooTrial {
+    let started = Instant::now();
+    let mut result = ZooTrial::empty(fault, watchdog, trial);
+    let outcome = match watchdog {
+        Watchdog::Observer(config) => observer_trial(&mut result, config),
+        Watchdog::NpdLike => npd_trial(&mut result),
+    };
+    result.error = outcome.err();
+    result.wall_s = started.elapsed().as_secs_f64();
+    result
+}
+
+fn observer_trial(out: &mut ZooTrial, config: Config) -> Result<(), String> {
+    let fault = out.fault;
+    let sandbox = Sandbox::start(fault.sandbox_options()).map_err(|e| e.to_string())?;
+    let mut args: Vec<&str> = config.args().to_vec();
+    if fault == Fault::Wedge {
+        // Its main process is a shell, which SIGUSR1 would end.
+        args.push("--no-stack-dump");
+    }
+    args.extend(LOG_ARGS);
+    let observer = Observer::spawn(&sandbox, &args).map_err(|e| e.to_string())?;
+    observer
+        .wait_healthy(Duration::from_secs(20))
+        .map_err(|e| e.to_string())?;
+    let (main, target) = target_of(&sandbox, fault)?;
+    thread::sleep(random_below(config.probe_interval(), out.trial));
+    let fault_wall = SystemTime::now();
+    let at = Instant::now();
+    let _injected = fault.inject(&sandbox, target)?;
+    thread::scope(|scope| {
+        let early = fault.answers_early().then(|| {
+            scope.spawn(|| {
+                first_answer(
+                    &sandbox,
+                    main,
+                    at,
+                    config.verdict_timeout() + RECOVERY_TIMEOUT,
+                )
+            })
+        });
+        match wait_for_verdict(&observer, fault_wall, config) {
+            Ok(verdict) => {
+                let verdict_at = verdict["at"].as_str().and_then(parse_rfc3339);
+                out.verdict = verdict["state"].as_str().map(str::to_owned);
+                out.fault_to_verdict_ms = verdict_at.map(|v| wall_ms(fault_wall, v));
+                out.evidence = evidence_of(&verdict);
+            }
+            Err(err) if err.starts_with("no verdict within") => {}
+            Err(err) => return Err(err),
+        }
+        let answered = match early {
+            Some(handle) => handle.join().map_err(|_| "the Version() client panicked")?,
+            None if out.verdict.is_some() => first_answer(&sandbox, main, at, RECOVERY_TIMEOUT),
+            None => Err("no verdict, no restart".into()),
+        };
+        out.fault_to_recovery_ms = answered.ok().map(|d| d.as_secs_f64() * 1e3);
+        Ok::<(), String>(())
+    })?;
+    // Give a second restart every chance to happen before counting.
+    let _ = observer.wait_for_status("healthy", Duration::from_secs(30), |doc| {
+        doc["state"] == "healthy"
+    });
+    thread::sleep(Duration::from_secs(2));
+    let doc = observer.status().map_err(|e| e.to_string())?;
+    out.actions = doc["restarts"].as_array().map_or(0, Vec::len);
+    if let Some(escalation) = doc["restarts"][0]["escalation"].as_str() {
+        out.note = Some(escalation.to_owned());
+    }
+    Ok(())
+}
+
+/// containerd's main PID, and the process the fault goes to (for the wedge, the containerd
+/// under the shell that is the main process).
+fn target_of(sandbox: &Sandbox, fault: Fault) -> Result<(u32, u32), String> {
+    let main = sandbox
+        .main_pid()
+        .map_err(|e| e.to_string())?
+        .ok_or("containerd's unit has no main process")?;
+    let target = match fault {
+        Fault::Wedge => {
+            child_named(main, "containerd").ok_or("no containerd under the wedged main process")?
+        }
+        _ => main,
+    };
+    Ok((main, target))
+}
+
+fn evidence_of(verdict: &Value) -> Vec<String> {
+    verdict["evidence"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["source"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// NPD's settings for containerd, as the brief of the comparison gives them.
+const NPD_PERIOD: Duration = Duration::from_secs(10);
+const NPD_DEADLINE: Duration = Duration::from_secs(10);
+const NPD_COOLDOWN: Duration = Duration::from_secs(120);
+/// How long after the fault the NPD-like watchdog may take to act before it counts as never:
+/// a period, a deadline and some slack.
+const NPD_VERDICT_WINDOW: Duration = Duration::from_secs(30);
+
+/// What the NPD-like watchdog did, with the wall-clock time.
+#[derive(Debug, Clone)]
+enum NpdEvent {
+    /// A failed check, inside the cooldown: no action.
+    FailedInCooldown(SystemTime, String),
+    /// A failed check and the kill it led to (with `systemctl kill`'s own result).
+    Killed(SystemTime, String),
+}
+
+fn npd_trial(out: &mut ZooTrial) -> Result<(), String> {
+    let fault = out.fault;
+    let sandbox = Sandbox::start(
+        fault
+            .sandbox_options()
+            .restart("always")
+            .service_extra("RestartSec=5"),
+    )
+    .map_err(|e| e.to_string())?;
+    enable_cri(&sandbox)?;
+    list_pod_sandbox(sandbox.socket(), Duration::from_secs(5))
+        .map_err(|e| format!("ListPodSandbox does not answer on a healthy containerd: {e}"))?;
+    let events = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    thread::scope(|scope| {
+        scope.spawn(|| npd_loop(&sandbox, &events, &stop));
+        let result = npd_measure(out, &sandbox, &events);
+        stop.store(true, Ordering::Relaxed);
+        result
+    })
+}
+
+fn npd_measure(
+    out: &mut ZooTrial,
+    sandbox: &Sandbox,
+    events: &Mutex<Vec<NpdEvent>>,
+) -> Result<(), String> {
+    let fault = out.fault;
+    // A node's containerd has run for longer than the cooldown; the fault lands at a random
+    // phase of the check period.
+    let up = unit_uptime(sandbox).ok_or("the unit has no start time")?;
+    thread::sleep(NPD_COOLDOWN.saturating_sub(up) + random_below(NPD_PERIOD, out.trial));
+    let (main, target) = target_of(sandbox, fault)?;
+    let fault_wall = SystemTime::now();
+    let at = Instant::now();
+    let _injected = fault.inject(sandbox, target)?;
+    let answered = if fault.answers_early() {
+        first_answer(sandbox, main, at, NPD_VERDICT_WINDOW + RECOVERY_TIMEOUT).ok()
+    } else {
+        None
+    };
+    // The verdict: the first failed check after the fault (it also acts, outside cooldown).
+    let deadline = at + NPD_VERDICT_WINDOW;
+    let first_failure = loop {
+        let found = events
+            .lock()
+            .map_err(|_| "the NPD-like loop panicked")?
+            .iter()
+            .find_map(|event| match event {
+                NpdEvent::Killed(t, _) | NpdEvent::FailedInCooldown(t, _) if *t >= fault_wall => {
+                    Some(*t)
+                }
+                _ => None,
+            });
+        if found.is_some() || Instant::now() >= deadline {
+            break found;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    if let Some(t) = first_failure {
+        out.verdict = Some("ListPodSandbox failed".into());
+        out.evidence = vec!["ListPodSandbox".into()];
+        out.fault_to_verdict_ms = Some(wall_ms(fault_wall, t));
+    }
+    let answered = match answered {
+        Some(at) => Some(at),
+        None if first_failure.is_some() => first_answer(sandbox, main, at, RECOVERY_TIMEOUT).ok(),
+        None => None,
+    };
+    out.fault_to_recovery_ms = answered.map(|d| d.as_secs_f64() * 1e3);
+    let events = events.lock().map_err(|_| "the NPD-like loop panicked")?;
+    let kills: Vec<&String> = events
+        .iter()
+        .filter_map(|event| match event {
+            NpdEvent::Killed(t, how) if *t >= fault_wall => Some(how),
+            _ => None,
+        })
+        .collect();
+    out.actions = kills.len();
+    let mut notes = Vec::new();
+    if let Some(how) = kills.first() {
+        notes.push(format!("first kill: {how}"));
+    }
+    if let Some(err) = events.iter().find_map(|e| match e {
+        NpdEvent::FailedInCooldown(t, err) if *t >= fault_wall => Some(err),
+        _ => None,
+    }) {
+        notes.push(format!(
+            "a check failed within the cooldown, no action ({err})"
+        ));
+    }
+    if out.fault_to_recovery_ms.is_some() {
+        out.recovered_by_systemd = kills.is_empty();
+        notes.push("the new containerd is systemd's (Restart=always, RestartSec=5)".into());
+    }
+    out.note = (!notes.is_empty()).then(|| notes.join("; "));
+    Ok(())
+}
+
+/// The NPD-like loop: a check every period until `stop`.
+fn npd_loop(sandbox: &Sandbox, events: &Mutex<Vec<NpdEvent>>, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        let began = Instant::now();
+        if let Err(err) = list_pod_sandbox(sandbox.socket(), NPD_DEADLINE) {
+            let at = SystemTime::now();
+            let event = if unit_uptime(sandbox).is_some_and(|up| up >= NPD_COOLDOWN) {
+                let how = match sandbox.systemctl(&["kill", "--kill-who=main", sandbox.unit()]) {
+                    Ok(_) => format!(
+                        "ListPodSandbox failed ({err}); systemctl kill --kill-who=main sent SIGTERM"
+                    ),
+                    Err(e) => format!("ListPodSandbox failed ({err}); systemctl kill failed: {e}"),
+                };
+                NpdEvent::Killed(at, how)
+            } else {
+                NpdEvent::FailedInCooldown(at, err.to_string())
+            };
+            if let Ok(mut events) = events.lock() {
+                events.push(event);
+            }
+        }
+        // The next check a period after this one began, in short naps so `stop` is heard.
+        while began.elapsed() < NPD_PERIOD && !stop.load(Ordering::Relaxed) {
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// How long the unit has been active: from systemd's `ActiveEnterTimestampMonotonic`, the
+/// uptime NPD's cooldown counts from.
+fn unit_uptime(sandbox: &Sandbox) -> Option<Duration> {
+    let out = sandbox
+        .systemctl(&[
+            "show",
+            "-p",
+            "ActiveEnterTimestampMonotonic",
+            "--value",
+            sandbox.unit(),
+        ])
+        .ok()?;
+    let entered = Duration::from_micros(out.trim().parse::<u64>().ok().filter(|us| *us > 0)?);
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which lives for the call.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
+        return None;
+    }
+    let now = Duration::new(now.tv_sec as u64, now.tv_nsec as u32);
+    Some(now.saturating_sub(entered))
+}
+
+/// Loads containerd's CRI plugin where the sandbox's config disables it, and restarts the
+/// unit once: `ListPodSandbox` needs it. (A no-op where the harness loads it already.)
+fn enable_cri(sandbox: &Sandbox) -> Result<(), String> {
+    let path = sandbox.dir().join("containerd/config.toml");
+    let config = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let disabled = "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n";
+    if !config.contains(disabled) {
+        return Ok(());
+    }
+    fs::write(&path, config.replace(disabled, ""))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let old = sandbox.main_pid().map_err(|e| e.to_string())?;
+    sandbox
+        .systemctl(&["restart", sandbox.unit()])
+        .map_err(|e| e.to_string())?;
+    sandbox
+        .wait_for_pid(old, Duration::from_secs(20))
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The trials of one fault and one watchdog, summarised. Times in ms.
+#[derive(Debug, Clone, Serialize)]
+pub struct ZooRow {
+    pub fault: Fault,
+    pub watchdog: Watchdog,
+    pub trials: usize,
+    pub failed: usize,
+    /// Trials that never reached a verdict.
+    pub never_verdict: usize,
+    pub fault_to_verdict_ms: Option<Summary>,
+    /// Trials in which it acted, and in which acting was right.
+    pub acted: usize,
+    pub right: usize,
+    /// Trials in which no new containerd answered within the window.
+    pub never_recovered: usize,
+    pub fault_to_recovery_ms: Option<Summary>,
+    pub verdicts: Vec<String>,
+    pub notes: Vec<String>,
+}
+
+pub fn summarize_zoo(trials: &[ZooTrial]) -> Vec<ZooRow> {
+    let mut rows = Vec::new();
+    for fault in Fault::ALL {
+        for watchdog in Watchdog::ALL {
+            let all: Vec<&ZooTrial> = trials
+                .iter()
+                .filter(|t| t.fault == fault && t.watchdog == watchdog)
+                .collect();
+            if all.is_empty() {
+                continue;
+            }
+            let done: Vec<&&ZooTrial> = all.iter().filter(|t| t.error.is_none()).collect();
+            let values = |f: fn(&ZooTrial) -> Option<f64>| {
+                summarize(&done.iter().filter_map(|t| f(t)).collect::<Vec<_>>())
+            };
+            let mut verdicts: Vec<String> = Vec::new();
+            let mut notes: Vec<String> = Vec::new();
+            for t in &done {
+                let v = match &t.verdict {
+                    Some(v) => format!("{v} ({})", t.evidence.join("+")),
+                    None => "never".into(),
+                };
+                if !verdicts.contains(&v) {
+                    verdicts.push(v);
+                }
+                if let Some(n) = &t.note
+                    && !notes.contains(n)
+                {
+                    notes.push(n.clone());
+                }
+            }
+            rows.push(ZooRow {
+                fault,
+                watchdog,
+                trials: all.len(),
+                failed: all.len() - done.len(),
+                never_verdict: done.iter().filter(|t| t.verdict.is_none()).count(),
+                fault_to_verdict_ms: values(|t| t.fault_to_verdict_ms),
+                acted: done.iter().filter(|t| t.acted()).count(),
+                right: done.iter().filter(|t| t.right()).count(),
+                never_recovered: done
+                    .iter()
+                    .filter(|t| t.fault_to_recovery_ms.is_none())
+                    .count(),
+                fault_to_recovery_ms: values(|t| t.fault_to_recovery_ms),
+                verdicts,
+                notes,
+            });
+        }
+    }
+    rows
+}
