@@ -254,6 +254,20 @@ fn zoo_table(results: &BenchResults, command: &str) -> String {
 
 fn zoo_cell(r: &bench::zoo::ZooRow) -> String {
     let done = r.trials - r.failed;
+    if !r.fault.restart_is_right() {
+        // Nothing is wrong with containerd: the right verdict is none, and no action.
+        let verdict = match r.fault_to_verdict_ms {
+            None => "no verdict".to_owned(),
+            Some(s) => format!("{} after {}", r.verdicts.join(", "), ms(s.median)),
+        };
+        let acted = if r.acted == 0 {
+            "did not act".to_owned()
+        } else {
+            format!("acted {}/{done}", r.acted)
+        };
+        let right = if r.right == done { "✓" } else { "✗" };
+        return format!("{verdict}; {acted} {right}");
+    }
     let verdict = match r.fault_to_verdict_ms {
         Some(s) if r.never_verdict == 0 => ms(s.median),
         Some(s) => format!("{} ({} never)", ms(s.median), r.never_verdict),

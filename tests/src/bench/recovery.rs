@@ -273,7 +273,7 @@ fn measure(scenario: Scenario, config: Config, trial: usize) -> Result<TrialTime
                 first_answer(&sandbox, main, fault, within)
             })
         });
-        let verdict = wait_for_verdict(&observer, fault_wall, config)?;
+        let verdict = wait_for_verdict(&observer, fault_wall, config, config.verdict_timeout())?;
         let answered = match early {
             Some(handle) => handle.join().map_err(|_| "the Version() client panicked")?,
             None => first_answer(&sandbox, main, fault, RECOVERY_TIMEOUT),
@@ -322,8 +322,9 @@ pub(crate) fn wait_for_verdict(
     observer: &Observer,
     fault_wall: SystemTime,
     config: Config,
+    within: Duration,
 ) -> Result<Value, String> {
-    let deadline = Instant::now() + config.verdict_timeout();
+    let deadline = Instant::now() + within;
     loop {
         if let Ok(doc) = observer.status() {
             let found = doc["verdicts"].as_array().into_iter().flatten().find(|v| {
@@ -338,8 +339,7 @@ pub(crate) fn wait_for_verdict(
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "no verdict within {:?} of the fault; last state {}",
-                    config.verdict_timeout(),
+                    "no verdict within {within:?} of the fault; last state {}",
                     doc["state"]
                 ));
             }

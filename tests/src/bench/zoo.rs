@@ -61,10 +61,15 @@ pub enum Fault {
     Wedge,
     /// containerd's socket file moved away while it runs.
     SocketRemoved,
+    /// The bus daemon stopped for 5 s and started again (a dbus upgrade): the observer's
+    /// surroundings, not containerd.
+    BusRestart,
+    /// systemd re-executes itself (`systemctl daemon-reexec`).
+    DaemonReexec,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 9] = [
         Fault::Crash,
         Fault::OomKill,
         Fault::Freeze,
@@ -72,6 +77,8 @@ impl Fault {
         Fault::FdExhaustion,
         Fault::Wedge,
         Fault::SocketRemoved,
+        Fault::BusRestart,
+        Fault::DaemonReexec,
     ];
 
     pub fn label(self) -> &'static str {
@@ -83,13 +90,24 @@ impl Fault {
             Fault::FdExhaustion => "descriptor exhaustion (RLIMIT_NOFILE, EMFILE)",
             Fault::Wedge => "wedged stop (SIGSTOP, SIGTERM ignored)",
             Fault::SocketRemoved => "socket file removed",
+            Fault::BusRestart => "D-Bus restarted (5 s outage)",
+            Fault::DaemonReexec => "systemd daemon-reexec",
         }
     }
 
-    /// Whether a restart of containerd is the remedy: for every fault here, yes (containerd
-    /// binds its socket anew at start, so even a removed socket file is cured by one).
+    /// Whether a restart of containerd is the remedy: yes for every fault of containerd
+    /// here (it binds its socket anew at start, so even a removed socket file is cured by
+    /// one); no for a fault of the observer's surroundings, which containerd never noticed.
     pub fn restart_is_right(self) -> bool {
-        true
+        !matches!(self, Fault::BusRestart | Fault::DaemonReexec)
+    }
+
+    /// How long to watch for a verdict, when no verdict is the right outcome.
+    fn quiet_window(config: Option<Config>) -> Duration {
+        match config {
+            Some(Config::GardenerLike) => Duration::from_secs(70),
+            _ => Duration::from_secs(15),
+        }
     }
 
     fn sandbox_options(self) -> SandboxOptions {
@@ -133,6 +151,16 @@ impl Fault {
             ),
             Fault::SocketRemoved => {
                 Injected::Socket(fault::SocketMoved::inject(sandbox.socket(), false).map_err(e)?)
+            }
+            Fault::BusRestart => {
+                let outage = sandbox.stop_bus().map_err(e)?;
+                thread::sleep(Duration::from_secs(5));
+                outage.end().map_err(e)?;
+                Injected::Nothing
+            }
+            Fault::DaemonReexec => {
+                sandbox.systemctl(&["daemon-reexec"]).map_err(e)?;
+                Injected::Nothing
             }
         })
     }
@@ -309,7 +337,12 @@ fn observer_trial(out: &mut ZooTrial, config: Config) -> Result<(), String> {
                 )
             })
         });
-        match wait_for_verdict(&observer, fault_wall, config) {
+        let within = if fault.restart_is_right() {
+            config.verdict_timeout()
+        } else {
+            Fault::quiet_window(Some(config))
+        };
+        match wait_for_verdict(&observer, fault_wall, config, within) {
             Ok(verdict) => {
                 let verdict_at = verdict["at"].as_str().and_then(parse_rfc3339);
                 out.verdict = verdict["state"].as_str().map(str::to_owned);
@@ -321,7 +354,9 @@ fn observer_trial(out: &mut ZooTrial, config: Config) -> Result<(), String> {
         }
         let answered = match early {
             Some(handle) => handle.join().map_err(|_| "the Version() client panicked")?,
-            None if out.verdict.is_some() => first_answer(&sandbox, main, at, RECOVERY_TIMEOUT),
+            None if out.verdict.is_some() && fault.restart_is_right() => {
+                first_answer(&sandbox, main, at, RECOVERY_TIMEOUT)
+            }
             None => Err("no verdict, no restart".into()),
         };
         out.fault_to_recovery_ms = answered.ok().map(|d| d.as_secs_f64() * 1e3);
