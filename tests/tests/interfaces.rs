@@ -227,6 +227,7 @@ fn assert_status_schema(doc: &Value) {
             "job",
             "result",
             "n_restarts",
+            "freezer_state",
         ],
     );
     let budget = &doc["restart_budget"];
