@@ -569,8 +569,8 @@ fn unit_uptime(sandbox: &Sandbox) -> Option<Duration> {
     Some(now.saturating_sub(entered))
 }
 
-/// Loads containerd's CRI plugin where the sandbox's config disables it, and restarts the
-/// unit once: `ListPodSandbox` needs it. (A no-op where the harness loads it already.)
+/// Loads containerd's CRI plugin where the sandbox's config disables it, and has the unit
+/// restarted once (the sandbox's `Restart=always`): `ListPodSandbox` needs it. (A no-op where the harness loads it already.)
 fn enable_cri(sandbox: &Sandbox) -> Result<(), String> {
     let path = sandbox.dir().join("containerd/config.toml");
     let config = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -581,8 +581,10 @@ fn enable_cri(sandbox: &Sandbox) -> Result<(), String> {
     fs::write(&path, config.replace(disabled, ""))
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let old = sandbox.main_pid().map_err(|e| e.to_string())?;
+    // Killed, not stopped: a stop of the wedged unit would hang for TimeoutStopSec. Its
+    // `Restart=always` starts it again.
     sandbox
-        .systemctl(&["restart", sandbox.unit()])
+        .systemctl(&["kill", "--signal=SIGKILL", sandbox.unit()])
         .map_err(|e| e.to_string())?;
     sandbox
         .wait_for_pid(old, Duration::from_secs(20))
