@@ -341,7 +341,14 @@ fn prlimit_nofile(pid: u32, new: Option<libc::rlimit>) -> io::Result<libc::rlimi
         .map_or(std::ptr::null(), |limit| limit as *const libc::rlimit);
     // SAFETY: both pointers are valid for the call (or null for "do not set"); prlimit writes
     // only to `old`.
-    let rc = unsafe { libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, new_ptr, &mut old) };
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            new_ptr,
+            &raw mut old,
+        )
+    };
     if rc == 0 {
         Ok(old)
     } else {

@@ -562,7 +562,7 @@ fn unit_uptime(sandbox: &Sandbox) -> Option<Duration> {
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec, which lives for the call.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) } != 0 {
         return None;
     }
     let now = Duration::new(now.tv_sec as u64, now.tv_nsec as u32);
