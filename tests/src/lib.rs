@@ -135,6 +135,29 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     observer::http_get(addr, path, Duration::from_secs(5)).ok()
 }
 
+/// A process stopped with SIGSTOP until this guard goes: dropping it sends SIGCONT, so a
+/// test that fails or panics never leaves a process of its own stopped.
+#[derive(Debug)]
+pub struct Stopped(u32);
+
+impl Stopped {
+    /// Stops `pid` (SIGSTOP).
+    pub fn stop(pid: u32) -> Stopped {
+        signal(pid, libc::SIGSTOP);
+        Stopped(pid)
+    }
+
+    /// Lets it run again now.
+    pub fn resume(self) {}
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) has no memory-safety preconditions; the process may be gone.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
 impl SandboxError {
     fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         SandboxError::Io {

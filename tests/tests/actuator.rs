@@ -1,6 +1,7 @@
 //! The actuator against a real systemd user manager: it restarts what systemd will not, leaves
 //! to systemd what systemd already does, never starts what an operator stopped, kills a stop
-//! that hangs, and backs off from a crash loop.
+//! that hangs, backs off from a crash loop, and stays given up through a loop that answers a
+//! probe between its hangs until an operator restarts containerd.
 //!
 //! Needs root, BTF and the tracepoints the kernel sensors use, systemd, containerd, unshare.
 
@@ -294,4 +295,83 @@ fn a_crash_loop_backs_off_and_gives_up() {
     // It stays given up: no more restarts while containerd cannot start.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(status(&observer)["restarts"].as_array().unwrap().len(), 3);
+}
+
+/// A hang loop that systemd feeds: each containerd answers probes for 2 s, then freezes; the
+/// observer restarts it until its budget is spent. Then the wrapper kills the frozen one and
+/// systemd's own `Restart=` starts the next, which again answers before it freezes. Those
+/// answers must not lift the give-up; an operator's own restart does.
+#[test]
+fn a_loop_that_answers_a_probe_between_hangs_stays_given_up_until_an_operator_restarts() {
+    if require(
+        "a_loop_that_answers_a_probe_between_hangs_stays_given_up_until_an_operator_restarts",
+        NEEDS,
+    )
+    .is_err()
+    {
+        return;
+    }
+    let looping = "/bin/sh -c '/usr/bin/containerd --config {dir}/containerd/config.toml & c=$!; sleep 2; kill -STOP $c; sleep 4; kill -KILL $c; exit 1'";
+    let sandbox = Sandbox::start(
+        SandboxOptions::new()
+            .exec_start(looping)
+            .restart("on-failure")
+            .service_extra(
+                "NotifyAccess=all\nKillMode=control-group\nRestartSec=1\n[Unit]\nStartLimitIntervalSec=0",
+            ),
+    )
+    .expect("sandbox");
+    let observer = Observer::spawn(
+        &sandbox,
+        &[
+            "--restart-backoff",
+            "1s",
+            "--max-restarts",
+            "3",
+            "--probe-interval",
+            "500ms",
+            "--probe-timeout",
+            "250ms",
+            "--no-stack-dump",
+        ],
+    )
+    .expect("observer");
+    healthy(&observer);
+    let body = observer
+        .wait_for("the observer to give up", Duration::from_secs(60), |b| {
+            actions(&parse(b)).contains(&"give_up".to_owned())
+        })
+        .expect("gave up");
+    assert_eq!(restarts_of(&parse(&body)), 3, "{body}");
+    // systemd restarts it twice on its own; each new containerd answers before it freezes.
+    let systemd_before = n_restarts(&sandbox);
+    let (mut answered, mut doc) = (false, Value::Null);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while n_restarts(&sandbox) < systemd_before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "systemd did not restart it: {doc}"
+        );
+        doc = status(&observer);
+        answered |= doc["state"] == "healthy";
+        assert_eq!(restarts_of(&doc), 3, "the give-up was lifted: {doc}");
+        assert_eq!(doc["restart_budget"]["state"], "gave_up", "{doc}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(answered, "containerd answered between its hangs: {doc}");
+    // An operator restarts it: they took over, the budget starts afresh.
+    sandbox
+        .systemctl(&["restart", sandbox.unit()])
+        .expect("operator restart");
+    // Lifted: the budget allows restarts again, or the observer restarted the next hang.
+    observer
+        .wait_for("the budget to start afresh", Duration::from_secs(15), |b| {
+            let doc = parse(b);
+            doc["restart_budget"]["state"] != "gave_up" || restarts_of(&doc) > 3
+        })
+        .expect("budget lifted by the operator's restart");
+}
+
+fn restarts_of(doc: &Value) -> usize {
+    doc["restarts"].as_array().map_or(0, Vec::len)
 }

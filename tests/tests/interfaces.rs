@@ -74,6 +74,8 @@ fn assert_status_schema(doc: &Value) {
             "dry_run",
             "sensors",
             "last_probe",
+            "open_probe",
+            "failed_probes",
             "pending_connections",
             "accept_latency",
             "heartbeat",
@@ -98,7 +100,13 @@ fn assert_status_schema(doc: &Value) {
         doc,
         "observer",
         &doc["observer"],
-        &["version", "pid", "started_at"],
+        &[
+            "version",
+            "pid",
+            "started_at",
+            "scheduling_gaps",
+            "last_scheduling_gap",
+        ],
     );
     let sensors = &doc["sensors"];
     assert_keys(
@@ -139,9 +147,21 @@ fn assert_status_schema(doc: &Value) {
     );
     assert_keys(
         doc,
+        "open_probe",
+        &doc["open_probe"],
+        &["at", "latency_ms", "result", "version", "error"],
+    );
+    assert_keys(
+        doc,
         "pending_connections",
         &doc["pending_connections"],
-        &["count", "oldest_age_ms", "source"],
+        &[
+            "count",
+            "oldest_age_ms",
+            "source",
+            "accepted_per_s",
+            "last_accept_ago_ms",
+        ],
     );
     if !doc["accept_latency"].is_null() {
         assert_keys(
@@ -415,6 +435,8 @@ fn metrics_parse_and_count_a_crash_restart() {
             "containerd_observer_oldest_pending_age_seconds",
             ("gauge", Some("seconds")),
         ),
+        ("containerd_observer_accept_rate", ("gauge", None)),
+        ("containerd_observer_scheduling_gaps", ("counter", None)),
         ("containerd_observer_exits", ("counter", None)),
         ("containerd_observer_verdicts", ("counter", None)),
         ("containerd_observer_restarts", ("counter", None)),

@@ -3,7 +3,8 @@
 //! A containerd that dies again right after each restart (a broken config, a full disk) must
 //! not be restarted in a storm. Each restart doubles the wait before the next one may happen;
 //! a long enough healthy stretch forgets the history; and past a cap within a window the
-//! actuator gives up until containerd is healthy again. No I/O: `now` comes from the caller.
+//! actuator gives up until containerd has been healthy for that long, or an operator
+//! restarted it. One good probe lifts nothing. No I/O: `now` comes from the caller.
 
 use std::{
     collections::VecDeque,
@@ -47,7 +48,8 @@ pub enum Allowance {
         #[serde(serialize_with = "seconds")]
         retry_in: Duration,
     },
-    /// Too many restarts within the window: no more until containerd is healthy again.
+    /// Too many restarts within the window: no more until containerd has been healthy for
+    /// `reset_after`, or an operator restarted it.
     GaveUp,
 }
 
@@ -105,24 +107,27 @@ impl RestartBudget {
         self.healthy_since = None;
     }
 
-    /// Tells the budget whether containerd is healthy at `now`. A healthy containerd lifts a
-    /// give-up; one healthy for `reset_after` also forgets the restart history.
+    /// Tells the budget whether containerd is healthy at `now`. Only health sustained for
+    /// `reset_after` forgets the restart history and lifts a give-up: a containerd that
+    /// answers one probe between two crashes is still in its crash loop.
     pub fn observe_health(&mut self, now: Instant, healthy: bool) {
         if !healthy {
             self.healthy_since = None;
             return;
         }
-        if self.gave_up {
-            // The crash loop is over: the next failure starts a fresh, short back-off.
-            self.gave_up = false;
-            while self.restarts.len() > 1 {
-                self.restarts.pop_front();
-            }
-        }
         let since = *self.healthy_since.get_or_insert(now);
         if now.saturating_duration_since(since) >= self.config.reset_after {
             self.restarts.clear();
+            self.gave_up = false;
         }
+    }
+
+    /// An operator restarted containerd themselves (a new main process the observer did not
+    /// cause): they took over, and the budget starts afresh.
+    pub fn operator_restarted(&mut self) {
+        self.restarts.clear();
+        self.gave_up = false;
+        self.healthy_since = None;
     }
 
     /// Restarts counted within the window.
@@ -195,10 +200,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn gives_up_after_the_cap_until_healthy() {
-        let t0 = Instant::now();
-        let mut b = budget();
+    fn given_up(b: &mut RestartBudget, t0: Instant) -> Instant {
         let mut t = t0;
         for _ in 0..4 {
             assert_eq!(b.allowance(t), Allowance::Allowed);
@@ -206,9 +208,45 @@ mod tests {
             t += s(61);
         }
         assert_eq!(b.allowance(t), Allowance::GaveUp);
+        t
+    }
+
+    #[test]
+    fn gives_up_after_the_cap_until_healthy_for_the_reset_period() {
+        let t0 = Instant::now();
+        let mut b = budget();
+        let t = given_up(&mut b, t0);
         assert_eq!(b.allowance(t + s(30)), Allowance::GaveUp);
         b.observe_health(t + s(31), true);
-        assert_ne!(b.allowance(t + s(32)), Allowance::GaveUp);
+        assert_eq!(b.allowance(t + s(32)), Allowance::GaveUp);
+        b.observe_health(t + s(151), true);
+        assert_eq!(b.allowance(t + s(152)), Allowance::Allowed);
+        assert_eq!(b.recent_restarts(), 0);
+    }
+
+    #[test]
+    fn one_good_probe_between_crashes_does_not_lift_a_give_up() {
+        let t0 = Instant::now();
+        let mut b = budget();
+        let mut t = given_up(&mut b, t0);
+        // Started again (by systemd, say), answers one probe, dies; for hours.
+        for _ in 0..1000 {
+            b.observe_health(t, true);
+            t += s(5);
+            b.observe_health(t, false);
+            assert_eq!(b.allowance(t), Allowance::GaveUp);
+            t += s(5);
+        }
+    }
+
+    #[test]
+    fn an_operators_restart_lifts_a_give_up() {
+        let t0 = Instant::now();
+        let mut b = budget();
+        let t = given_up(&mut b, t0);
+        b.operator_restarted();
+        assert_eq!(b.allowance(t), Allowance::Allowed);
+        assert_eq!(b.recent_restarts(), 0);
     }
 
     #[test]

@@ -1,17 +1,25 @@
 //! The detector: one state machine that turns observations into verdicts and decisions.
 //!
 //! It does no I/O and reads no clock: every call carries `now` from the caller, so its tests
-//! run on a virtual clock. Sensors (the kernel programs, the `Version()` probe, systemd) feed
-//! it [`Observation`]s; it answers with a [`Decision`] that the agent hands to the actuator.
+//! run on a virtual clock. Sensors (the kernel programs, the `Version()` probes, systemd, the
+//! agent's own clocks) feed it [`Observation`]s; it answers with a [`Decision`] that the agent
+//! hands to the actuator.
 //!
 //! Rules:
 //! - a kernel-reported exit of containerd's main process is a crash at once;
-//! - a connection waiting in containerd's accept queue longer than `stall_threshold` is a
-//!   kernel suspicion: containerd becomes suspect;
+//! - the accept loop is judged by its progress: a connection waiting in containerd's accept
+//!   queue longer than `stall_threshold` while containerd accepted nothing for that long is a
+//!   kernel suspicion (a stall): containerd becomes suspect;
 //! - a confirming probe is asked for once the oldest connection has waited half the stall
 //!   threshold ([`DetectorConfig::confirm_after`]), so that its deadline runs alongside
 //!   the threshold instead of after it;
-//! - a failed probe while the suspicion stands is a hang;
+//! - a failed fresh-connection probe while the stall stands is a hang, unless the probe over
+//!   the connection kept open answered since the stall began (the handlers live: the accept
+//!   loop is behind);
+//! - a long queue that moves (containerd accepted within the threshold), or failed probes
+//!   during which containerd accepted or answered on the open connection, is an overload, not
+//!   a hang: it is reported and never restarted. It becomes a hang again when calls on the
+//!   open connection fail for longer than `call_horizon` (the kubelet's own horizon);
 //! - without kernel evidence, `failures_to_hang` consecutive failed probes make a hang
 //!   (timeouts) or an unreachable containerd (connection refused, socket missing);
 //! - a probe that answers, however slowly, makes containerd healthy: slow is not hung;
@@ -21,11 +29,28 @@
 //!   or a stall on a listener the kernel ties to its main process
 //!   ([`Detector::set_listener_owned`]). [`Detector::unanswered`] tells the agent to report a
 //!   configuration problem instead;
-//! - while a restart is in flight, nothing triggers another one.
+//! - a gap in the observer's own scheduling is no evidence: probes and pending ages that span
+//!   it are discarded, and containerd is probed again before it is judged;
+//! - while a restart is in flight, nothing triggers another one; failures from before a
+//!   restart do not count after it.
+//!
+//! An episode's failures are counted, not copied: a verdict carries at most
+//! [`MAX_EVIDENCE`] pieces of evidence however long the outage, and a bad state is recorded
+//! once per episode, so an outage of hours costs no more memory than one of seconds.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
 
 use serde::Serialize;
+
+/// Most pieces of evidence one verdict carries.
+pub const MAX_EVIDENCE: usize = 4;
+/// Window over which the accept rate is reported.
+pub const ACCEPT_RATE_WINDOW: Duration = Duration::from_secs(5);
+/// Most accept samples kept for the rate (the agent samples at most every 100 ms).
+const MAX_ACCEPT_SAMPLES: usize = 256;
 
 /// Tunables of the detector.
 #[derive(Debug, Clone)]
@@ -33,10 +58,15 @@ pub struct DetectorConfig {
     /// Consecutive failed probes that make a hang or an unreachable containerd when there
     /// is no kernel evidence.
     pub failures_to_hang: u32,
-    /// Age of the oldest pending connection from which the accept loop looks stalled.
+    /// Age of the oldest pending connection from which the accept loop looks stalled, and
+    /// how long containerd must have accepted nothing for a stall.
     pub stall_threshold: Duration,
     /// Least time between two confirming probes asked for by kernel suspicion.
     pub confirm_spacing: Duration,
+    /// How long calls on an open connection may fail while containerd is overloaded before
+    /// it counts as hung: the kubelet reports the runtime down after 30 s without a
+    /// successful `Status`.
+    pub call_horizon: Duration,
 }
 
 impl DetectorConfig {
@@ -55,6 +85,7 @@ impl Default for DetectorConfig {
             failures_to_hang: 3,
             stall_threshold: Duration::from_secs(1),
             confirm_spacing: Duration::from_secs(1),
+            call_horizon: Duration::from_secs(30),
         }
     }
 }
@@ -71,18 +102,30 @@ pub enum ProbeFailure {
     Error,
 }
 
+/// Which connection a probe rode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeChannel {
+    /// A connection opened for this probe: it needs containerd's accept loop.
+    Fresh,
+    /// A connection kept open between probes, as the kubelet's is: it needs only the handlers.
+    Open,
+}
+
 /// Something a sensor saw.
 #[derive(Debug, Clone)]
 pub enum Observation {
     ProbeSucceeded {
         latency: Duration,
         version: String,
+        channel: ProbeChannel,
     },
     ProbeFailed {
         /// When the failed probe started: the first moment containerd did not answer.
         started: Instant,
         failure: ProbeFailure,
         error: String,
+        channel: ProbeChannel,
     },
     /// containerd's main process exited.
     ProcessExited {
@@ -95,19 +138,20 @@ pub enum Observation {
     /// The actuator started a restart.
     RestartStarted,
     /// The restart job finished, with systemd's result.
-    RestartFinished {
-        ok: bool,
-    },
+    RestartFinished { ok: bool },
     /// systemd reports the unit stopped on purpose (by an operator, or a clean exit).
-    UnitStopped {
-        detail: String,
-    },
+    UnitStopped { detail: String },
     /// The kernel's view of containerd's accept queue.
     Pending {
         count: u32,
         oldest_age: Option<Duration>,
+        /// Connections containerd accepted since the previous sample.
+        accepted: u32,
         sensor: Source,
     },
+    /// The observer itself was not scheduled from `from` to `to` (a late tick, or a
+    /// suspended machine): deadlines that expired across it are not containerd's doing.
+    SchedulingGap { from: Instant, to: Instant },
 }
 
 /// Where a piece of evidence came from.
@@ -143,6 +187,9 @@ pub enum State {
     Healthy,
     /// Something looks wrong but not enough to act.
     Suspect,
+    /// containerd makes progress (accepts connections, answers calls) but falls behind:
+    /// reported, never restarted.
+    Overloaded,
     Crashed,
     Hung,
     Unreachable,
@@ -160,6 +207,7 @@ pub struct Verdict {
     /// The first sign that led here; `at - first_sign` is the detection latency.
     pub first_sign: Instant,
     pub pid: Option<u32>,
+    /// At most [`MAX_EVIDENCE`] entries.
     pub evidence: Vec<Evidence>,
 }
 
@@ -179,23 +227,81 @@ pub enum Decision {
     Restart(Verdict),
 }
 
+/// How far containerd's accept loop got, for `/status` and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct AcceptProgress {
+    /// Connections accepted per second over [`ACCEPT_RATE_WINDOW`].
+    pub per_second: f64,
+    /// How long ago containerd last accepted one, if it was seen.
+    pub last_accept_ago: Option<Duration>,
+}
+
+/// Consecutive failed probes of one episode: counted, with the first and the latest kept.
+#[derive(Debug, Clone)]
+struct Failures {
+    count: u32,
+    /// The latest run of failures during which containerd showed no progress at all: only
+    /// these count towards a hang.
+    unexplained: u32,
+    first: Evidence,
+    last: Evidence,
+}
+
+impl Failures {
+    fn evidence(&self) -> Vec<Evidence> {
+        let mut evidence = vec![self.first.clone()];
+        if self.count > 1 {
+            evidence.push(self.last.clone());
+        }
+        if self.count > 2 {
+            evidence.push(Evidence {
+                source: Source::Probe,
+                at: self.last.at,
+                detail: format!(
+                    "{} consecutive failed probes, the first and the latest shown",
+                    self.count
+                ),
+            });
+        }
+        evidence
+    }
+}
+
 /// The state machine. Feed it with [`Detector::observe`].
 #[derive(Debug)]
 pub struct Detector {
     config: DetectorConfig,
     state: State,
     main_pid: Option<u32>,
-    failed_probes: Vec<Evidence>,
+    /// Failed fresh-connection probes of this episode.
+    failures: Option<Failures>,
     restart_in_flight: bool,
     /// Evidence of a stalled accept loop, while it stands.
     stall: Option<Evidence>,
     last_confirm: Option<Instant>,
+    /// When the accept queue was last sampled: the earliest moment an accept counted at the
+    /// next sample can have happened.
+    last_sample: Option<Instant>,
+    /// The earliest moment containerd's latest seen accept can have happened.
+    last_accept: Option<Instant>,
+    /// Accepts per sample over [`ACCEPT_RATE_WINDOW`]: `(sampled at, accepted)`.
+    accepts: VecDeque<(Instant, u32)>,
+    /// The last sample showed an old connection at the back of a queue that moves.
+    queue_moving_behind: bool,
+    /// When the probe over the open connection last answered.
+    open_answered: Option<Instant>,
+    /// The first failure on the open connection since it last answered.
+    open_failing: Option<Evidence>,
+    /// The end of the latest gap in the observer's own scheduling.
+    gap_end: Option<Instant>,
     /// Whether containerd ever answered a probe on the configured socket.
     answered: bool,
     /// Whether the kernel ties the watched listener to containerd's main process.
     listener_owned: bool,
     /// Verdicts not yet taken by [`Detector::take_verdicts`].
     new_verdicts: Vec<Verdict>,
+    /// The verdict of the bad episode under way, handed out again while it lasts.
+    episode: Option<Verdict>,
 }
 
 impl Detector {
@@ -204,13 +310,21 @@ impl Detector {
             config,
             state: State::Starting,
             main_pid: None,
-            failed_probes: Vec::new(),
+            failures: None,
             restart_in_flight: false,
             stall: None,
             last_confirm: None,
+            last_sample: None,
+            last_accept: None,
+            accepts: VecDeque::new(),
+            queue_moving_behind: false,
+            open_answered: None,
+            open_failing: None,
+            gap_end: None,
             answered: false,
             listener_owned: false,
             new_verdicts: Vec::new(),
+            episode: None,
         }
     }
 
@@ -232,7 +346,7 @@ impl Detector {
     /// configuration problem.
     pub fn unanswered(&self) -> bool {
         !self.answered
-            && self.failed_probes.len() as u32 >= self.config.failures_to_hang
+            && self.failed_probes() >= self.config.failures_to_hang
             && !self.restart_in_flight
     }
 
@@ -250,21 +364,87 @@ impl Detector {
         std::mem::take(&mut self.new_verdicts)
     }
 
+    /// Consecutive failed fresh-connection probes in the episode under way.
+    pub fn failed_probes(&self) -> u32 {
+        self.failures.as_ref().map_or(0, |f| f.count)
+    }
+
+    /// The accept loop's progress at `now`.
+    pub fn accept_progress(&self, now: Instant) -> AcceptProgress {
+        let accepted: u64 = self
+            .accepts
+            .iter()
+            .filter(|(at, _)| now.saturating_duration_since(*at) <= ACCEPT_RATE_WINDOW)
+            .map(|(_, n)| u64::from(*n))
+            .sum();
+        AcceptProgress {
+            per_second: accepted as f64 / ACCEPT_RATE_WINDOW.as_secs_f64(),
+            last_accept_ago: self.last_accept.map(|at| now.saturating_duration_since(at)),
+        }
+    }
+
     pub fn observe(&mut self, now: Instant, observation: Observation) -> Decision {
         match observation {
-            Observation::ProbeSucceeded { latency, version } => {
-                self.failed_probes.clear();
+            Observation::ProbeSucceeded {
+                latency,
+                version,
+                channel,
+            } => {
+                let detail = format!(
+                    "Version() {}answered {version} in {:.1} ms",
+                    channel_words(channel),
+                    latency.as_secs_f64() * 1e3
+                );
+                let evidence = Evidence {
+                    source: Source::Probe,
+                    at: now,
+                    detail,
+                };
                 self.answered = true;
-                if self.state != State::Healthy && !self.restart_in_flight {
-                    let evidence = Evidence {
-                        source: Source::Probe,
-                        at: now,
-                        detail: format!(
-                            "Version() answered {version} in {:.1} ms",
-                            latency.as_secs_f64() * 1e3
-                        ),
-                    };
-                    self.record(now, State::Healthy, now, vec![evidence]);
+                match channel {
+                    ProbeChannel::Fresh => {
+                        self.failures = None;
+                        if self.restart_in_flight {
+                            return Decision::Wait;
+                        }
+                        if self.queue_moving_behind {
+                            if self.state != State::Overloaded {
+                                self.record(now, State::Overloaded, now, vec![evidence]);
+                            }
+                        } else if self.state != State::Healthy {
+                            self.record(now, State::Healthy, now, vec![evidence]);
+                        }
+                    }
+                    ProbeChannel::Open => {
+                        // When the call left: a frozen containerd cannot answer a call sent
+                        // after it froze, whenever the answer to an earlier one is read.
+                        let sent = now.checked_sub(latency).unwrap_or(now);
+                        self.open_answered = Some(sent);
+                        self.open_failing = None;
+                        if self.restart_in_flight
+                            || matches!(self.state, State::Crashed | State::Stopped)
+                        {
+                            return Decision::Wait;
+                        }
+                        if let Some(failures) = self
+                            .failures
+                            .as_ref()
+                            .filter(|f| sent >= f.last.at)
+                        {
+                            // The handlers answer while fresh connections fail: behind, not dead.
+                            let mut evidence = vec![failures.last.clone(), evidence];
+                            evidence.truncate(MAX_EVIDENCE);
+                            if self.state == State::Suspect {
+                                let first = failures.first.at;
+                                self.record(now, State::Overloaded, first, evidence);
+                            }
+                        } else if self.stall.is_none()
+                            && !self.queue_moving_behind
+                            && matches!(self.state, State::Starting | State::Recovering)
+                        {
+                            self.record(now, State::Healthy, now, vec![evidence]);
+                        }
+                    }
                 }
                 Decision::Wait
             }
@@ -272,45 +452,25 @@ impl Detector {
                 started,
                 failure,
                 error,
+                channel,
             } => {
-                self.failed_probes.push(Evidence {
+                if self.gap_end.is_some_and(|end| started < end) {
+                    // Its deadline ran across the observer's own gap: no evidence either way.
+                    return Decision::Wait;
+                }
+                let evidence = Evidence {
                     source: Source::Probe,
                     at: started,
-                    detail: format!("Version() failed ({}): {error}", failure_name(failure)),
-                });
-                if self.restart_in_flight || matches!(self.state, State::Crashed | State::Stopped) {
-                    return Decision::Wait;
-                }
-                // Before containerd's first answer, a stall counts only on its own listener.
-                let stall = self
-                    .stall
-                    .as_ref()
-                    .filter(|_| self.answered || self.listener_owned);
-                if let Some(stall) = stall
-                    && failure != ProbeFailure::Refused
-                {
-                    let mut evidence = vec![stall.clone()];
-                    evidence.push(self.failed_probes.last().expect("just pushed").clone());
-                    let first = stall.at;
-                    let verdict = self.record(now, State::Hung, first, evidence);
-                    return Decision::Restart(verdict);
-                }
-                let failures = self.failed_probes.len() as u32;
-                if failures < self.config.failures_to_hang || !self.answered {
-                    if self.state != State::Suspect {
-                        let first = self.failed_probes[0].at;
-                        self.record(now, State::Suspect, first, self.failed_probes.clone());
-                    }
-                    return Decision::Wait;
-                }
-                let state = if failure == ProbeFailure::Refused {
-                    State::Unreachable
-                } else {
-                    State::Hung
+                    detail: format!(
+                        "Version() {}failed ({}): {error}",
+                        channel_words(channel),
+                        failure_name(failure)
+                    ),
                 };
-                let first = self.failed_probes[0].at;
-                let verdict = self.record(now, state, first, self.failed_probes.clone());
-                Decision::Restart(verdict)
+                match channel {
+                    ProbeChannel::Open => self.on_open_failure(now, evidence),
+                    ProbeChannel::Fresh => self.on_fresh_failure(now, started, failure, evidence),
+                }
             }
             Observation::ProcessExited {
                 pid,
@@ -337,47 +497,21 @@ impl Detector {
             Observation::Pending {
                 count,
                 oldest_age,
+                accepted,
                 sensor,
-            } => {
-                let Some(age) = oldest_age.filter(|age| *age >= self.config.confirm_after()) else {
-                    self.stall = None;
-                    return Decision::Wait;
-                };
-                if self.restart_in_flight || matches!(self.state, State::Crashed | State::Stopped) {
-                    return Decision::Wait;
-                }
-                let queued = now.checked_sub(age).unwrap_or(now);
-                if age < self.config.stall_threshold {
-                    // Not a stall yet, but worth a probe whose deadline ends past the threshold.
-                    self.stall = None;
-                } else if self.stall.is_none() {
-                    let evidence = Evidence {
-                        source: sensor,
-                        at: queued,
-                        detail: format!(
-                            "{count} connection(s) waiting in containerd's accept queue, the oldest for {:.0} ms",
-                            age.as_secs_f64() * 1e3
-                        ),
-                    };
-                    self.stall = Some(evidence.clone());
-                    if matches!(self.state, State::Healthy | State::Starting) {
-                        self.record(now, State::Suspect, queued, vec![evidence]);
-                    }
-                }
-                let due = self.last_confirm.is_none_or(|t| {
-                    now.saturating_duration_since(t) >= self.config.confirm_spacing
-                });
-                if due {
-                    self.last_confirm = Some(now);
-                    Decision::ProbeNow
-                } else {
-                    Decision::Wait
-                }
+            } => self.on_pending(now, count, oldest_age, accepted, sensor),
+            Observation::SchedulingGap { to, .. } => {
+                // Whatever expired across the gap says nothing about containerd; look afresh.
+                self.gap_end = Some(self.gap_end.map_or(to, |end| end.max(to)));
+                self.stall = None;
+                self.failures = None;
+                self.open_failing = None;
+                self.last_confirm = Some(now);
+                Decision::ProbeNow
             }
             Observation::UnitStopped { detail } => {
                 self.restart_in_flight = false;
-                self.stall = None;
-                self.failed_probes.clear();
+                self.forget_episode();
                 if self.state != State::Stopped {
                     let evidence = Evidence {
                         source: Source::Systemd,
@@ -390,8 +524,7 @@ impl Detector {
             }
             Observation::RestartStarted => {
                 self.restart_in_flight = true;
-                self.stall = None;
-                self.failed_probes.clear();
+                self.forget_episode();
                 self.state = State::Recovering;
                 Decision::Wait
             }
@@ -406,13 +539,289 @@ impl Detector {
         }
     }
 
+    fn on_fresh_failure(
+        &mut self,
+        now: Instant,
+        started: Instant,
+        failure: ProbeFailure,
+        evidence: Evidence,
+    ) -> Decision {
+        match &mut self.failures {
+            Some(f) => {
+                f.count = f.count.saturating_add(1);
+                f.unexplained = f.unexplained.saturating_add(1);
+                f.last = evidence.clone();
+            }
+            None => {
+                self.failures = Some(Failures {
+                    count: 1,
+                    unexplained: 1,
+                    first: evidence.clone(),
+                    last: evidence.clone(),
+                })
+            }
+        }
+        if self.restart_in_flight || matches!(self.state, State::Crashed | State::Stopped) {
+            return Decision::Wait;
+        }
+        if failure != ProbeFailure::Refused {
+            // Before containerd's first answer, a stall counts only on its own listener.
+            let stall = self
+                .stall
+                .clone()
+                .filter(|_| self.answered || self.listener_owned);
+            if let Some(stall) = stall {
+                // A call on the open connection sent after this probe left was answered:
+                // no accept for the threshold, yet the handlers live: the accept loop is
+                // behind. (The stall's own start may predate a connection seen late.)
+                if self.open_answered.is_some_and(|at| at >= started) {
+                    self.enter_overload(now, stall);
+                    return self.hang_past_horizon(now);
+                }
+                return self.judge_bad(now, State::Hung, stall.at, vec![stall, evidence]);
+            }
+            let progressed = self.last_accept.is_some_and(|at| at >= started)
+                || self.open_answered.is_some_and(|at| at >= started);
+            if progressed {
+                if let Some(f) = &mut self.failures {
+                    f.unexplained = 0;
+                }
+                let mut why = evidence;
+                why.detail.push_str(&format!(
+                    "; meanwhile containerd {}",
+                    self.progress_words(now, started)
+                ));
+                self.enter_overload(now, why);
+                return self.hang_past_horizon(now);
+            }
+        }
+        let failures = self.failures.as_ref().expect("just counted");
+        let first = failures.first.at;
+        if failures.unexplained < self.config.failures_to_hang || !self.answered {
+            // An overload stays one until the failures without progress make a hang.
+            if !matches!(self.state, State::Suspect | State::Overloaded) {
+                let evidence = failures.evidence();
+                self.record(now, State::Suspect, first, evidence);
+            }
+            return Decision::Wait;
+        }
+        let state = if failure == ProbeFailure::Refused {
+            State::Unreachable
+        } else {
+            State::Hung
+        };
+        let evidence = failures.evidence();
+        self.judge_bad(now, state, first, evidence)
+    }
+
+    fn on_open_failure(&mut self, now: Instant, evidence: Evidence) -> Decision {
+        if self.open_failing.is_none() {
+            self.open_failing = Some(evidence);
+        }
+        if self.restart_in_flight || matches!(self.state, State::Crashed | State::Stopped) {
+            return Decision::Wait;
+        }
+        self.hang_past_horizon(now)
+    }
+
+    /// While overloaded: a hang once calls on the open connection failed for the horizon.
+    fn hang_past_horizon(&mut self, now: Instant) -> Decision {
+        if !matches!(self.state, State::Overloaded | State::Hung) {
+            return Decision::Wait;
+        }
+        let Some(failing) = self.open_failing.clone() else {
+            return Decision::Wait;
+        };
+        let failed_for = now.saturating_duration_since(failing.at);
+        if failed_for < self.config.call_horizon {
+            return Decision::Wait;
+        }
+        let mut evidence = vec![failing.clone()];
+        if let Some(failures) = &self.failures {
+            evidence.push(failures.last.clone());
+        }
+        evidence.push(Evidence {
+            source: Source::Probe,
+            at: now,
+            detail: format!(
+                "no answer on an open connection for {:.0} s (the kubelet's horizon is {:.0} s): overloaded past recovery",
+                failed_for.as_secs_f64(),
+                self.config.call_horizon.as_secs_f64()
+            ),
+        });
+        self.judge_bad(now, State::Hung, failing.at, evidence)
+    }
+
+    fn on_pending(
+        &mut self,
+        now: Instant,
+        count: u32,
+        oldest_age: Option<Duration>,
+        accepted: u32,
+        sensor: Source,
+    ) -> Decision {
+        if accepted > 0 {
+            self.last_accept = Some(self.last_sample.unwrap_or(now));
+            if self.accepts.len() == MAX_ACCEPT_SAMPLES {
+                self.accepts.pop_front();
+            }
+            self.accepts.push_back((now, accepted));
+        }
+        while self
+            .accepts
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) > ACCEPT_RATE_WINDOW)
+        {
+            self.accepts.pop_front();
+        }
+        self.last_sample = Some(now);
+        // The part of a connection's wait that spans the observer's own gap is not counted:
+        // it has waited at least since the observer looked again.
+        let oldest_age = oldest_age.map(|age| match self.gap_end {
+            Some(end) => age.min(now.saturating_duration_since(end)),
+            None => age,
+        });
+        let Some(age) = oldest_age.filter(|age| *age >= self.config.confirm_after()) else {
+            self.stall = None;
+            self.queue_moving_behind = false;
+            if self.state == State::Overloaded && self.failures.is_none() && !self.restart_in_flight
+            {
+                let evidence = Evidence {
+                    source: sensor,
+                    at: now,
+                    detail: format!(
+                        "containerd caught up: {count} connection(s) waiting, accepting {:.0}/s",
+                        self.accept_progress(now).per_second
+                    ),
+                };
+                self.record(now, State::Healthy, now, vec![evidence]);
+            }
+            return Decision::Wait;
+        };
+        if self.restart_in_flight || matches!(self.state, State::Crashed | State::Stopped) {
+            return Decision::Wait;
+        }
+        let queued = now.checked_sub(age).unwrap_or(now);
+        let moving = self
+            .last_accept
+            .is_some_and(|at| now.saturating_duration_since(at) < self.config.stall_threshold);
+        if age < self.config.stall_threshold {
+            // Not a stall yet, but worth a probe whose deadline ends past the threshold.
+            self.stall = None;
+            self.queue_moving_behind = false;
+        } else if moving {
+            // An old connection at the back of a queue that moves: overloaded, not hung.
+            self.stall = None;
+            self.queue_moving_behind = true;
+            let evidence = Evidence {
+                source: sensor,
+                at: queued,
+                detail: format!(
+                    "{count} connection(s) waiting in containerd's accept queue, the oldest for {:.0} ms, but it moves: {}",
+                    age.as_secs_f64() * 1e3,
+                    self.progress_words(now, queued)
+                ),
+            };
+            self.enter_overload(now, evidence);
+        } else if self.stall.is_none() {
+            self.queue_moving_behind = false;
+            let since = match self.last_accept {
+                Some(at) => format!(
+                    "containerd accepted none for {:.0} ms",
+                    now.saturating_duration_since(at).as_secs_f64() * 1e3
+                ),
+                None => "no accept seen".to_owned(),
+            };
+            let evidence = Evidence {
+                source: sensor,
+                at: queued,
+                detail: format!(
+                    "{count} connection(s) waiting in containerd's accept queue, the oldest for {:.0} ms; {since}",
+                    age.as_secs_f64() * 1e3
+                ),
+            };
+            self.stall = Some(evidence.clone());
+            if matches!(
+                self.state,
+                State::Healthy | State::Starting | State::Overloaded
+            ) {
+                self.record(now, State::Suspect, queued, vec![evidence]);
+            }
+        }
+        let due = self
+            .last_confirm
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.config.confirm_spacing);
+        if due {
+            self.last_confirm = Some(now);
+            Decision::ProbeNow
+        } else {
+            Decision::Wait
+        }
+    }
+
+    /// Moves to `Overloaded`, recording it once per episode.
+    fn enter_overload(&mut self, now: Instant, evidence: Evidence) {
+        if matches!(
+            self.state,
+            State::Healthy | State::Starting | State::Suspect | State::Recovering
+        ) {
+            let first = evidence.at;
+            self.record(now, State::Overloaded, first, vec![evidence]);
+        }
+    }
+
+    /// "accepted N connection(s) in the last … (R/s)" or "answered on the open connection".
+    fn progress_words(&self, now: Instant, since: Instant) -> String {
+        let progress = self.accept_progress(now);
+        let mut words = Vec::new();
+        if self.last_accept.is_some_and(|at| at >= since) {
+            words.push(format!(
+                "accepts {:.0} connection(s)/s (the latest {:.0} ms ago)",
+                progress.per_second,
+                progress.last_accept_ago.unwrap_or_default().as_secs_f64() * 1e3
+            ));
+        }
+        if self.open_answered.is_some_and(|at| at >= since) {
+            words.push("answered on the open connection".to_owned());
+        }
+        words.join(" and ")
+    }
+
+    /// A bad state calls for a restart; recorded once per episode, handed out while it lasts.
+    fn judge_bad(
+        &mut self,
+        now: Instant,
+        state: State,
+        first: Instant,
+        evidence: Vec<Evidence>,
+    ) -> Decision {
+        if self.state == state
+            && let Some(verdict) = &self.episode
+        {
+            return Decision::Restart(verdict.clone());
+        }
+        Decision::Restart(self.record(now, state, first, evidence))
+    }
+
+    /// Forgets what the episode saw: a restart or a stop starts afresh.
+    fn forget_episode(&mut self) {
+        self.stall = None;
+        self.failures = None;
+        self.open_failing = None;
+        self.open_answered = None;
+        self.last_accept = None;
+        self.accepts.clear();
+        self.queue_moving_behind = false;
+    }
+
     fn record(
         &mut self,
         now: Instant,
         state: State,
         first_sign: Instant,
-        evidence: Vec<Evidence>,
+        mut evidence: Vec<Evidence>,
     ) -> Verdict {
+        evidence.truncate(MAX_EVIDENCE);
         self.state = state;
         let verdict = Verdict {
             state,
@@ -421,8 +830,16 @@ impl Detector {
             pid: self.main_pid,
             evidence,
         };
+        self.episode = Some(verdict.clone());
         self.new_verdicts.push(verdict.clone());
         verdict
+    }
+}
+
+fn channel_words(channel: ProbeChannel) -> &'static str {
+    match channel {
+        ProbeChannel::Fresh => "",
+        ProbeChannel::Open => "on the open connection ",
     }
 }
 
@@ -446,6 +863,7 @@ mod tests {
         Observation::ProbeSucceeded {
             latency: ms(2),
             version: "1.6.20".into(),
+            channel: ProbeChannel::Fresh,
         }
     }
 
@@ -454,6 +872,7 @@ mod tests {
             started,
             failure,
             error: "x".into(),
+            channel: ProbeChannel::Fresh,
         }
     }
 
@@ -514,7 +933,7 @@ mod tests {
     }
 
     #[test]
-    fn repeated_timeouts_make_a_hang_with_all_the_evidence() {
+    fn repeated_timeouts_make_a_hang_with_the_first_and_latest_evidence() {
         let t0 = Instant::now();
         let mut d = healthy_detector(t0);
         let step = ms(2000);
@@ -605,6 +1024,7 @@ mod tests {
         Observation::Pending {
             count: age_ms.map_or(0, |_| 1),
             oldest_age: age_ms.map(ms),
+            accepted: 0,
             sensor: Source::Ebpf,
         }
     }
@@ -706,6 +1126,7 @@ mod tests {
                 Observation::ProbeSucceeded {
                     latency: ms(900),
                     version: "1.6.20".into(),
+                    channel: ProbeChannel::Fresh,
                 },
             );
             assert_eq!(decision, Decision::Wait);
@@ -812,6 +1233,332 @@ mod tests {
         assert_eq!(d.state(), State::Recovering);
     }
 
+    fn sample(count: u32, age_ms: u64, accepted: u32) -> Observation {
+        Observation::Pending {
+            count,
+            oldest_age: Some(ms(age_ms)),
+            accepted,
+            sensor: Source::Ebpf,
+        }
+    }
+
+    fn open_ok(latency_ms: u64) -> Observation {
+        Observation::ProbeSucceeded {
+            latency: ms(latency_ms),
+            version: "1.6.20".into(),
+            channel: ProbeChannel::Open,
+        }
+    }
+
+    fn open_failed(started: Instant) -> Observation {
+        Observation::ProbeFailed {
+            started,
+            failure: ProbeFailure::Timeout,
+            error: "no answer within 1s".into(),
+            channel: ProbeChannel::Open,
+        }
+    }
+
+    /// The field report: a long queue whose oldest waits over a second, fresh probes that
+    /// time out on a full backlog, and containerd accepting all along.
+    #[test]
+    fn a_long_queue_that_moves_is_overloaded_not_hung() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        let mut out: Vec<Instant> = Vec::new();
+        for i in 0..300u64 {
+            let t = t0 + ms(i * 100);
+            // Each confirming probe times out a second after it left.
+            while let Some(&left) = out.first().filter(|left| t >= **left + ms(1000)) {
+                out.remove(0);
+                let failure = d.observe(t, failed(left, ProbeFailure::Timeout));
+                assert!(!matches!(failure, Decision::Restart(_)), "restart at {i}");
+            }
+            let decision = d.observe(t, sample(4097, 1138, 350));
+            assert!(!matches!(decision, Decision::Restart(_)), "restart at {i}");
+            if decision == Decision::ProbeNow {
+                out.push(t);
+            }
+        }
+        assert_eq!(d.state(), State::Overloaded);
+        let verdicts = d.take_verdicts();
+        assert_eq!(verdicts.len(), 1, "recorded once: {verdicts:?}");
+        assert!(
+            verdicts[0].evidence[0]
+                .detail
+                .contains("4097 connection(s)")
+        );
+        let progress = d.accept_progress(t0 + ms(29_900));
+        assert!((progress.per_second - 3500.0).abs() < 100.0, "{progress:?}");
+        // Caught up, and a fresh connection answers: healthy again.
+        d.observe(t0 + ms(30_000), pending(None));
+        d.observe(t0 + ms(30_010), ok());
+        assert_eq!(d.state(), State::Healthy);
+    }
+
+    #[test]
+    fn an_overload_whose_open_connection_fails_past_the_kubelets_horizon_is_a_hang() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        let mut restarted = None;
+        for i in 0..400u64 {
+            let t = t0 + ms(i * 100);
+            d.observe(t, sample(900, 1500, 20));
+            if i % 10 == 0 {
+                // Every second a call on the open connection times out: the handlers are dead.
+                if let Decision::Restart(v) = d.observe(t + ms(1000), open_failed(t)) {
+                    restarted = Some((t + ms(1000), v));
+                    break;
+                }
+            }
+        }
+        let (at, verdict) = restarted.expect("a hang once the horizon passed");
+        assert_eq!(verdict.state, State::Hung);
+        assert_eq!(at.duration_since(t0), ms(30_000));
+        assert!(
+            verdict
+                .evidence
+                .iter()
+                .any(|e| e.detail.contains("horizon"))
+        );
+    }
+
+    #[test]
+    fn a_freeze_after_steady_accepts_is_still_a_hang_within_the_threshold() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        for i in 0..50u64 {
+            d.observe(t0 + ms(i * 100), sample(1, 10, 3));
+        }
+        // Frozen at 5 s: the heartbeat's next connection waits from 5.05 s, nothing is accepted.
+        let frozen = t0 + ms(5000);
+        let queued = frozen + ms(50);
+        let mut probe_left = None;
+        for step in 1..=20u64 {
+            let t = frozen + ms(step * 100);
+            let age = t.saturating_duration_since(queued);
+            let accepted = u32::from(step == 1);
+            let obs = Observation::Pending {
+                count: 1,
+                oldest_age: Some(age),
+                accepted,
+                sensor: Source::Ebpf,
+            };
+            if d.observe(t, obs) == Decision::ProbeNow && probe_left.is_none() {
+                probe_left = Some(t);
+            }
+        }
+        let left = probe_left.expect("a confirming probe");
+        let Decision::Restart(v) = d.observe(left + ms(1000), failed(left, ProbeFailure::Timeout))
+        else {
+            panic!("expected a restart");
+        };
+        assert_eq!(v.state, State::Hung);
+        assert!(
+            v.detection_latency() <= ms(1600),
+            "{:?}",
+            v.detection_latency()
+        );
+    }
+
+    #[test]
+    fn an_open_connection_that_answers_after_the_probe_left_means_the_accept_loop_is_behind() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        assert_eq!(
+            d.observe(t0 + ms(1200), pending(Some(1200))),
+            Decision::ProbeNow
+        );
+        assert_eq!(d.state(), State::Suspect);
+        // Sent at 1.2 s, after the oldest connection was queued (at 0): the handlers live.
+        d.observe(t0 + ms(1250), open_ok(50));
+        let decision = d.observe(t0 + ms(2200), failed(t0 + ms(1200), ProbeFailure::Timeout));
+        assert_eq!(decision, Decision::Wait);
+        assert_eq!(d.state(), State::Overloaded);
+        // An answer read late to a call sent before the stall is no such sign.
+        let mut d = healthy_detector(t0);
+        d.observe(t0 + ms(1200), pending(Some(1100)));
+        d.observe(t0 + ms(1250), open_ok(1200));
+        let decision = d.observe(t0 + ms(2200), failed(t0 + ms(1200), ProbeFailure::Timeout));
+        assert!(matches!(decision, Decision::Restart(_)));
+    }
+
+    #[test]
+    fn without_kernel_sensors_an_open_connection_that_answers_keeps_failed_fresh_probes_from_a_hang()
+     {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        for i in 0..20u64 {
+            let t = t0 + ms(i * 2000);
+            d.observe(t + ms(30), open_ok(30));
+            let decision = d.observe(t + ms(1000), failed(t, ProbeFailure::Timeout));
+            assert_eq!(decision, Decision::Wait, "at {i}");
+        }
+        assert_eq!(d.state(), State::Overloaded);
+        // The open connection stops answering too: after the horizon, a hang.
+        let mut decision = Decision::Wait;
+        for i in 20..40u64 {
+            let t = t0 + ms(i * 2000);
+            d.observe(t + ms(1000), open_failed(t));
+            decision = d.observe(t + ms(1000), failed(t, ProbeFailure::Timeout));
+            if matches!(decision, Decision::Restart(_)) {
+                break;
+            }
+        }
+        assert!(matches!(decision, Decision::Restart(ref v) if v.state == State::Hung));
+    }
+
+    fn gap(from: Instant, to: Instant) -> Observation {
+        Observation::SchedulingGap { from, to }
+    }
+
+    #[test]
+    fn probes_that_span_the_observers_own_gap_are_no_evidence() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        // The observer was stopped from 1 s to 6 s; its probes' deadlines expired meanwhile.
+        assert_eq!(
+            d.observe(t0 + ms(6000), gap(t0 + ms(1000), t0 + ms(6000))),
+            Decision::ProbeNow
+        );
+        for _ in 0..5 {
+            assert_eq!(
+                d.observe(t0 + ms(6001), failed(t0 + ms(900), ProbeFailure::Timeout)),
+                Decision::Wait
+            );
+        }
+        assert_eq!(d.state(), State::Healthy);
+        // A connection queued before the gap counts only from its end.
+        assert_eq!(
+            d.observe(t0 + ms(6100), pending(Some(5500))),
+            Decision::Wait
+        );
+        assert_eq!(d.state(), State::Healthy);
+        d.observe(t0 + ms(6200), ok());
+        assert_eq!(d.state(), State::Healthy);
+    }
+
+    #[test]
+    fn a_freeze_right_after_a_gap_is_still_caught() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        let end = t0 + ms(6000);
+        d.observe(end, gap(t0 + ms(1000), end));
+        // containerd froze during the gap: its connection has waited since before the gap.
+        let mut probe = None;
+        for step in 1..=20u64 {
+            let t = end + ms(step * 100);
+            let age = t.saturating_duration_since(t0 + ms(2000));
+            let decision = d.observe(
+                t,
+                Observation::Pending {
+                    count: 1,
+                    oldest_age: Some(age),
+                    accepted: 0,
+                    sensor: Source::Ebpf,
+                },
+            );
+            if decision == Decision::ProbeNow && probe.is_none() {
+                probe = Some(t);
+            }
+        }
+        let left = probe.expect("a confirming probe after the gap");
+        assert!(left >= end + ms(500));
+        let Decision::Restart(v) = d.observe(left + ms(1000), failed(left, ProbeFailure::Timeout))
+        else {
+            panic!("a freeze after the gap is a hang");
+        };
+        assert_eq!(v.state, State::Hung);
+        assert!(v.at <= end + ms(2600));
+    }
+
+    #[test]
+    fn repeated_gaps_never_make_a_hang_of_a_healthy_containerd() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        for i in 0..50u64 {
+            let from = t0 + ms(i * 10_000);
+            let to = from + ms(4000);
+            d.observe(to, gap(from, to));
+            // Each gap expires the probe that was out, and ages what waited.
+            assert_eq!(
+                d.observe(to + ms(1), failed(from, ProbeFailure::Timeout)),
+                Decision::Wait
+            );
+            assert!(!matches!(
+                d.observe(to + ms(2), pending(Some(4000))),
+                Decision::Restart(_)
+            ));
+            d.observe(to + ms(10), ok());
+        }
+        assert_eq!(d.state(), State::Healthy);
+    }
+
+    /// Hours of outage while nothing is restarted (paused, dry run, given up): the detector
+    /// hands out verdicts whose evidence stays small, and records the episode once.
+    #[test]
+    fn a_long_outage_keeps_verdicts_and_evidence_bounded() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        let mut recorded = 0usize;
+        let mut largest = 0usize;
+        for i in 0..(4 * 3600 / 2) as u64 {
+            let t = t0 + ms(i * 2000);
+            for _ in 0..10 {
+                d.observe(t, pending(Some(5000 + i * 2000)));
+            }
+            if let Decision::Restart(v) = d.observe(t + ms(1000), failed(t, ProbeFailure::Timeout))
+            {
+                largest = largest.max(v.evidence.len());
+            }
+            d.observe(t + ms(1000), open_failed(t));
+            let taken = d.take_verdicts();
+            recorded += taken.len();
+            largest = largest.max(taken.iter().map(|v| v.evidence.len()).max().unwrap_or(0));
+        }
+        assert_eq!(d.state(), State::Hung);
+        assert!(recorded <= 3, "{recorded} verdicts recorded for one outage");
+        assert!(largest <= MAX_EVIDENCE);
+        assert!(d.failed_probes() > 7000);
+        assert!(d.accepts.len() <= MAX_ACCEPT_SAMPLES);
+    }
+
+    #[test]
+    fn failures_before_a_restart_do_not_count_after_it() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0, failed(t0, ProbeFailure::Timeout));
+        d.observe(t0 + ms(2000), failed(t0 + ms(2000), ProbeFailure::Timeout));
+        d.observe(t0 + ms(2100), Observation::RestartStarted);
+        d.observe(t0 + ms(2200), Observation::RestartFinished { ok: true });
+        assert_eq!(d.failed_probes(), 0);
+        assert_eq!(
+            d.observe(t0 + ms(4000), failed(t0 + ms(4000), ProbeFailure::Timeout)),
+            Decision::Wait
+        );
+        assert_eq!(d.failed_probes(), 1);
+    }
+
+    #[test]
+    fn failed_probes_during_which_containerd_made_progress_do_not_add_up_to_a_hang() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        for i in 0..30u64 {
+            let t = t0 + ms(i * 2000);
+            // Every other probe, the open connection answers while the fresh one waits.
+            if i % 2 == 0 {
+                d.observe(t + ms(500), open_ok(400));
+            } else {
+                d.observe(t + ms(1000), open_failed(t));
+            }
+            let decision = d.observe(t + ms(1000), failed(t, ProbeFailure::Timeout));
+            assert_eq!(decision, Decision::Wait, "at {i}");
+        }
+        assert_eq!(d.state(), State::Overloaded);
+        assert_eq!(d.failed_probes(), 30);
+        assert_eq!(d.take_verdicts().len(), 1, "one overload, recorded once");
+    }
+
     /// A detector that has never seen containerd answer (a wrong `--socket`, say).
     fn unanswered_detector() -> Detector {
         let mut d = Detector::new(DetectorConfig::default());
@@ -886,6 +1633,26 @@ mod tests {
             d.observe(t0 + ms(1500), failed(t0 + ms(500), ProbeFailure::Timeout))
         else {
             panic!("a stall on containerd's own listener is evidence tied to the process");
+        };
+        assert_eq!(v.state, State::Hung);
+    }
+
+    /// Seen against the real containerd: the oldest pending entry predates the freeze (its
+    /// accept went unseen), and the open connection answered just before the freeze. That
+    /// answer is older than the confirming probe: a hang, at once.
+    #[test]
+    fn a_freeze_just_after_the_open_connection_answered_is_still_a_hang() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0 + ms(80), open_ok(4));
+        assert_eq!(
+            d.observe(t0 + ms(1000), pending(Some(1000))),
+            Decision::ProbeNow
+        );
+        let Decision::Restart(v) =
+            d.observe(t0 + ms(2000), failed(t0 + ms(1000), ProbeFailure::Timeout))
+        else {
+            panic!("a frozen containerd is hung");
         };
         assert_eq!(v.state, State::Hung);
     }

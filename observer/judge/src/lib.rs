@@ -6,6 +6,7 @@
 //! - [`latency`]: accept-latency percentiles over a sliding window
 //! - [`budget`]: how many restarts may still be made, and when
 //! - [`policy`]: what to do about a verdict, given systemd's view of the unit
+//! - [`schedule`]: gaps in the observer's own scheduling, which are not containerd's fault
 //!
 //! This crate depends on no runtime and reads no clock: every function that needs the time
 //! takes `now` from its caller, so its tests run on a virtual clock and never sleep.
@@ -17,3 +18,4 @@ pub mod cause;
 pub mod detector;
 pub mod latency;
 pub mod policy;
+pub mod schedule;

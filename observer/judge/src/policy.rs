@@ -277,10 +277,44 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_loop_that_answers_one_probe_each_time_still_ends_in_give_up() {
+        let t0 = Instant::now();
+        let mut b = budget(3);
+        let mut t = t0;
+        let mut restarts = 0;
+        for _ in 0..20 {
+            // Restarted, answers one probe, dies; the next crash asks for a restart again.
+            b.observe_health(t + Duration::from_secs(1), true);
+            t += Duration::from_secs(2);
+            b.observe_health(t, false);
+            match decide(false, ON, &mut b, t) {
+                Action::Restart => {
+                    b.record_restart(t);
+                    restarts += 1;
+                }
+                Action::BackOff { retry_in, .. } => t += retry_in,
+                Action::GiveUp { .. } => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(restarts, 3);
+        assert!(matches!(
+            decide(false, ON, &mut b, t),
+            Action::GiveUp { .. }
+        ));
+        b.observe_health(t + Duration::from_secs(1), true);
+        assert!(matches!(
+            decide(false, ON, &mut b, t + Duration::from_secs(2)),
+            Action::GiveUp { .. }
+        ));
+    }
+
+    #[test]
     fn only_bad_states_are_retried() {
         assert!(needs_restart(State::Hung));
         assert!(needs_restart(State::Crashed));
         assert!(!needs_restart(State::Healthy));
+        assert!(!needs_restart(State::Overloaded));
         assert!(!needs_restart(State::Recovering));
         assert!(!needs_restart(State::Stopped));
     }

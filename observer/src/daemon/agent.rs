@@ -23,18 +23,22 @@ use crate::{
     daemon::notify::Notifier,
     judge::budget::{Allowance, BudgetConfig, RestartBudget},
     judge::cause::{self, SignalRecord},
-    judge::detector::{Decision, Detector, DetectorConfig, Observation, State, Verdict},
+    judge::detector::{
+        Decision, Detector, DetectorConfig, Observation, ProbeChannel, State, Verdict,
+    },
     judge::latency::LatencyWindow,
     judge::policy::{self, Action, Plan, Switches},
+    judge::schedule::{Reading, ScheduleWatch},
     report::metrics::{Metrics, state_label},
     report::status::{
-        self, ActionRecord, BudgetRecord, BusRecord, Endpoint, ExitRecord, LatencyRecord,
+        self, ActionRecord, BudgetRecord, BusRecord, Endpoint, ExitRecord, GapRecord,
+        LatencyRecord,
         ObserverRecord, PendingRecord, ProbeRecord, RefreshRequest, RestartRecord, StatusDocument,
         VerdictRecord, WallClock, millis, push_action, push_bounded,
     },
     sense::kernel::{KernelAccept, KernelEvent, KernelExit},
     sense::listener::{self, Ownership},
-    sense::probe::{self, ProbeResult},
+    sense::probe::{self, OpenConnection, ProbeResult},
     sense::process::ProcessIdentity,
     sense::sensors::Sensors,
 };
@@ -59,6 +63,9 @@ const IDLE_PENDING_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the unit is read from systemd while its change signals are followed (without
 /// them: every probe interval).
 const UNIT_REREAD_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the slowly changing parts of the status document are refreshed; the loop
+/// turns at least this often.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// Window of the accept-latency percentiles.
 const LATENCY_WINDOW: Duration = Duration::from_secs(60);
 /// Recent signals kept to name an exit's cause.
@@ -115,6 +122,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         stall_threshold: settings.stall_threshold,
         failures_to_hang: settings.failures_to_hang,
         confirm_spacing: settings.probe_timeout,
+        ..DetectorConfig::default()
     });
     let (status_tx, status_rx) = watch::channel(StatusDocument {
         observer: ObserverRecord::current(),
@@ -126,6 +134,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         dry_run: settings.dry_run,
         sensors: sensors.record(true),
         last_probe: None,
+        open_probe: None,
+        failed_probes: 0,
         pending_connections: PendingRecord::default(),
         accept_latency: None,
         heartbeat: sensors.heartbeat(),
@@ -176,6 +186,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         "observer started"
     );
 
+    let watches_queue = sensors.watches_queue();
     let mut agent = Agent {
         settings: &settings,
         stop: stop.clone(),
@@ -203,6 +214,17 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         },
         deferred: None,
         unit_read_at: Instant::now(),
+        open_connection: OpenConnection::default(),
+        open_probe_in_flight: false,
+        schedule: ScheduleWatch::new(
+            if watches_queue {
+                IDLE_PENDING_SAMPLE_INTERVAL
+            } else {
+                STATUS_INTERVAL
+            },
+            settings.stall_threshold / 2,
+        ),
+        last_known_pid: None,
     };
     agent.refresh_unit().await;
     // systemd tells us at once when the unit changes (a new main PID after a restart by
@@ -217,7 +239,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     probe_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // `None` when no sensor watches the accept queue (probes only): no sampling at all.
     let mut next_pending_sample = agent.sensors.watches_queue().then(Instant::now);
-    let mut status_timer = tokio::time::interval(Duration::from_secs(1));
+    let mut status_timer = tokio::time::interval(STATUS_INTERVAL);
     tokio::pin!(shutdown);
     // The state last told to systemd; `None` until READY=1 was sent.
     let mut notified: Option<State> = None;
@@ -225,12 +247,21 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     loop {
         let decision = tokio::select! {
             _ = &mut shutdown => break,
-            Some(event) = kernel_rx.recv() => agent.on_kernel_event(event).await,
+            Some(event) = kernel_rx.recv() => {
+                agent.check_schedule(&probe_tx);
+                agent.on_kernel_event(event).await
+            }
             Some(result) = probe_rx.recv() => {
-                health.probe_finished();
+                // First: a result whose deadline ran across the observer's own gap is no
+                // evidence, and the detector must know of the gap before it sees it.
+                agent.check_schedule(&probe_tx);
+                if result.channel == ProbeChannel::Fresh {
+                    health.probe_finished();
+                }
                 agent.on_probe(result)
             }
             _ = sleep_until_or_never(next_pending_sample) => {
+                agent.check_schedule(&probe_tx);
                 let (decision, waiting) = agent.sample_pending();
                 let interval = if waiting {
                     PENDING_SAMPLE_INTERVAL
@@ -246,6 +277,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 }
             }
             _ = probe_timer.tick() => {
+                agent.check_schedule(&probe_tx);
                 // systemd's signals bring every change of the unit; reading it now and then
                 // anyway covers a signal lost on the bus.
                 if bus_events.is_none() || agent.unit_read_at.elapsed() >= UNIT_REREAD_INTERVAL {
@@ -286,6 +318,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 agent.retry_deferred()
             }
             _ = status_timer.tick() => {
+                agent.check_schedule(&probe_tx);
                 agent.publish_sensors(false);
                 Decision::Wait
             }
@@ -547,6 +580,14 @@ struct Agent<'a> {
     deferred: Option<(Verdict, Instant)>,
     /// When the unit was last read from systemd.
     unit_read_at: Instant,
+    /// The connection kept open for the second probe, beside the fresh-connection one.
+    open_connection: OpenConnection,
+    open_probe_in_flight: bool,
+    /// Gaps in the observer's own scheduling.
+    schedule: ScheduleWatch,
+    /// The latest main PID systemd named, and its restart counter (`NRestarts`) then: a
+    /// new PID that neither the observer nor systemd's `Restart=` made is an operator's.
+    last_known_pid: Option<(u32, u32)>,
 }
 
 impl Agent<'_> {
@@ -572,6 +613,7 @@ impl Agent<'_> {
                 return;
             }
         };
+        self.note_operator_restart(&status);
         self.set_main_pid(status.main_pid);
         self.status.send_modify(|d| d.unit_state = status);
     }
@@ -731,6 +773,67 @@ impl Agent<'_> {
         )
     }
 
+    /// An operator restarted containerd (a new main PID that neither the observer's restart
+    /// nor systemd's own `Restart=` made): the restart budget starts afresh.
+    fn note_operator_restart(&mut self, status: &UnitStatus) {
+        let Some(new) = status.main_pid else {
+            return;
+        };
+        if let Some((old, restarts_then)) = self.last_known_pid
+            && old != new
+            && self.restart_in_flight.is_none()
+            // systemd counts its own automatic restarts in NRestarts, and resets it on a
+            // start or restart someone asked for.
+            && status.n_restarts <= restarts_then
+        {
+            info!(
+                old,
+                new,
+                "containerd was restarted by someone else than the observer or systemd's Restart=: the restart budget starts afresh"
+            );
+            self.budget.operator_restarted();
+            self.deferred = None;
+            self.publish_budget();
+        }
+        self.last_known_pid = Some((new, status.n_restarts));
+    }
+
+    /// Reads the clocks; a gap in the observer's own scheduling since the last turn is told
+    /// to the detector, recorded, and followed by a fresh probe before anything is judged.
+    fn check_schedule(&mut self, results: &mpsc::Sender<ProbeResult>) {
+        let Some(gap) = self.schedule.turn(read_clocks()) else {
+            return;
+        };
+        warn!(
+            away_ms = millis(gap.length()),
+            suspended_ms = millis(gap.suspended),
+            "the observer itself was not scheduled for {:.0} ms: probes and pending ages across the gap are discarded, and containerd is probed again before it is judged",
+            millis(gap.length())
+        );
+        self.metrics.scheduling_gap();
+        let record = GapRecord {
+            at: self.clock.format(gap.from),
+            duration_ms: millis(gap.length()),
+            suspended_ms: millis(gap.suspended),
+        };
+        let gaps = self.schedule.gaps();
+        self.status.send_modify(|d| {
+            d.observer.scheduling_gaps = gaps;
+            d.observer.last_scheduling_gap = Some(record);
+        });
+        let decision = self.detector.observe(
+            gap.to,
+            Observation::SchedulingGap {
+                from: gap.from,
+                to: gap.to,
+            },
+        );
+        if decision == Decision::ProbeNow {
+            // The probe out now may have left before the gap: this one counts.
+            self.start_confirming_probe(results);
+        }
+    }
+
     fn set_main_pid(&mut self, pid: Option<u32>) {
         if pid == self.main_pid {
             return;
@@ -765,11 +868,32 @@ impl Agent<'_> {
         self.probes_in_flight += 1;
         let socket = self.settings.socket.clone();
         let timeout = self.settings.probe_timeout;
-        let results = results.clone();
+        let sender = results.clone();
         let stop = self.stop.clone();
         tokio::spawn(async move {
             let result = tokio::select! {
                 result = probe::probe_version(&socket, timeout) => result,
+                () = stop.cancelled() => return,
+            };
+            let _ = sender.send(result).await;
+        });
+        self.send_open_probe(results);
+    }
+
+    /// Asks over the connection kept open too, unless that probe is still out.
+    fn send_open_probe(&mut self, results: &mpsc::Sender<ProbeResult>) {
+        if self.open_probe_in_flight {
+            return;
+        }
+        self.open_probe_in_flight = true;
+        let socket = self.settings.socket.clone();
+        let timeout = self.settings.probe_timeout;
+        let results = results.clone();
+        let open = self.open_connection.clone();
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            let result = tokio::select! {
+                result = open.probe_version(&socket, timeout) => result,
                 () = stop.cancelled() => return,
             };
             let _ = results.send(result).await;
@@ -777,7 +901,11 @@ impl Agent<'_> {
     }
 
     fn on_probe(&mut self, result: ProbeResult) -> Decision {
-        self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
+        let channel = result.channel;
+        match channel {
+            ProbeChannel::Fresh => self.probes_in_flight = self.probes_in_flight.saturating_sub(1),
+            ProbeChannel::Open => self.open_probe_in_flight = false,
+        }
         let record = ProbeRecord {
             at: humantime::format_rfc3339_micros(result.started_wall).to_string(),
             latency_ms: millis(result.latency),
@@ -791,32 +919,44 @@ impl Agent<'_> {
             version: result.outcome.as_ref().ok().cloned(),
             error: result.outcome.as_ref().err().map(|(_, e)| e.clone()),
         };
-        let version = record.version.clone();
-        self.metrics.probe(&record.result, result.latency);
-        self.status.send_modify(|d| {
-            d.last_probe = Some(record);
-            if version.is_some() {
-                d.containerd_version = version;
+        if channel == ProbeChannel::Open {
+            self.status.send_modify(|d| d.open_probe = Some(record));
+        } else {
+            let version = record.version.clone();
+            self.metrics.probe(&record.result, result.latency);
+            self.status.send_modify(|d| {
+                d.last_probe = Some(record);
+                if version.is_some() {
+                    d.containerd_version = version;
+                }
+            });
+            self.budget
+                .observe_health(Instant::now(), result.outcome.is_ok());
+            if result.outcome.is_ok() {
+                self.deferred = None;
             }
-        });
-        self.budget
-            .observe_health(Instant::now(), result.outcome.is_ok());
-        if result.outcome.is_ok() {
-            self.deferred = None;
         }
         let observation = match result.outcome {
             Ok(version) => Observation::ProbeSucceeded {
                 latency: result.latency,
                 version,
+                channel,
             },
             Err((failure, error)) => Observation::ProbeFailed {
                 started: result.started,
                 failure,
                 error,
+                channel,
             },
         };
         let decision = self.detector.observe(Instant::now(), observation);
         self.publish_config_problem();
+        let failed = self.detector.failed_probes();
+        self.status.send_if_modified(|d| {
+            let changed = d.failed_probes != failed;
+            d.failed_probes = failed;
+            changed
+        });
         decision
     }
 
@@ -912,21 +1052,26 @@ impl Agent<'_> {
             return (Decision::Wait, false);
         };
         let waiting = snapshot.count > 0;
-        let record = PendingRecord {
-            count: snapshot.count,
-            oldest_age_ms: snapshot.oldest_age.map(millis),
-            source: Some(source),
-        };
-        self.status.send_modify(|d| d.pending_connections = record);
-        self.metrics.pending(snapshot.count, snapshot.oldest_age);
         let decision = self.detector.observe(
             now,
             Observation::Pending {
                 count: snapshot.count,
                 oldest_age: snapshot.oldest_age,
+                accepted: snapshot.accepted,
                 sensor: source,
             },
         );
+        let progress = self.detector.accept_progress(now);
+        let record = PendingRecord {
+            count: snapshot.count,
+            oldest_age_ms: snapshot.oldest_age.map(millis),
+            source: Some(source),
+            accepted_per_s: progress.per_second,
+            last_accept_ago_ms: progress.last_accept_ago.map(millis),
+        };
+        self.status.send_modify(|d| d.pending_connections = record);
+        self.metrics.pending(snapshot.count, snapshot.oldest_age);
+        self.metrics.accept_rate(progress.per_second);
         (decision, waiting)
     }
 
@@ -1039,6 +1184,7 @@ impl Agent<'_> {
         done: &mpsc::Sender<ActionResult>,
     ) {
         self.deferred = None;
+        self.open_connection.forget();
         self.detector
             .observe(Instant::now(), Observation::RestartStarted);
         self.status.send_modify(|d| d.state = State::Recovering);
@@ -1119,6 +1265,10 @@ impl Agent<'_> {
                 ok: outcome.succeeded(),
             },
         );
+        // The new process is the observer's doing, not an operator's.
+        if let Some(new) = outcome.new_pid {
+            self.last_known_pid = Some((new, result.unit.n_restarts));
+        }
         self.set_main_pid(outcome.new_pid);
         let record = RestartRecord {
             at: self.clock.format(started),
@@ -1201,6 +1351,26 @@ impl Agent<'_> {
             d.state = state;
             changed
         });
+    }
+}
+
+/// `CLOCK_MONOTONIC` (as [`Instant`]) and `CLOCK_BOOTTIME`, read together.
+fn read_clocks() -> Reading {
+    let monotonic = Instant::now();
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into memory this function owns.
+    let boottime = if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } == 0 {
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    } else {
+        // Without it only late ticks are seen; the monotonic clock stands in.
+        monotonic.elapsed()
+    };
+    Reading {
+        monotonic,
+        boottime,
     }
 }
 

@@ -25,10 +25,11 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 /// Every state the detector can be in, for the state gauge; kept complete by
 /// [`state_label`]'s exhaustive match and a test.
-pub const ALL_STATES: [State; 7] = [
+pub const ALL_STATES: [State; 8] = [
     State::Starting,
     State::Healthy,
     State::Suspect,
+    State::Overloaded,
     State::Crashed,
     State::Hung,
     State::Unreachable,
@@ -71,6 +72,8 @@ pub struct Metrics {
     accept_latency: Histogram,
     pending_connections: Gauge<i64, AtomicI64>,
     oldest_pending_age: Gauge<f64, AtomicU64>,
+    accept_rate: Gauge<f64, AtomicU64>,
+    scheduling_gaps: Counter,
     exits: Family<Labels1, Counter>,
     verdicts: Family<Labels1, Counter>,
     restarts: Family<Labels2, Counter>,
@@ -115,6 +118,18 @@ impl Metrics {
             "Age of the oldest connection waiting in containerd's accept queue (0 when none waits)",
             Unit::Seconds,
             oldest_pending_age.clone(),
+        );
+        let accept_rate = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "accept_rate",
+            "Connections per second containerd took off its accept queue after they had waited in it (over the last 5 s): its accept loop's progress",
+            accept_rate.clone(),
+        );
+        let scheduling_gaps = Counter::default();
+        registry.register(
+            "scheduling_gaps",
+            "Gaps in the observer's own scheduling (a late tick, or a suspended machine); probes and pending ages across them are discarded",
+            scheduling_gaps.clone(),
         );
         let exits = Family::<Labels1, Counter>::default();
         registry.register(
@@ -191,6 +206,8 @@ impl Metrics {
             accept_latency,
             pending_connections,
             oldest_pending_age,
+            accept_rate,
+            scheduling_gaps,
             exits,
             verdicts,
             restarts,
@@ -229,6 +246,16 @@ impl Metrics {
         self.pending_connections.set(i64::from(count));
         self.oldest_pending_age
             .set(oldest_age.map_or(0.0, |a| a.as_secs_f64()));
+    }
+
+    /// The accept loop's progress: connections taken off the queue per second.
+    pub fn accept_rate(&self, per_second: f64) {
+        self.accept_rate.set(per_second);
+    }
+
+    /// A gap in the observer's own scheduling.
+    pub fn scheduling_gap(&self) {
+        self.scheduling_gaps.inc();
     }
 
     /// An exit of containerd's main process; `cause` is `None` when the sensor cannot tell.
@@ -291,6 +318,7 @@ pub fn state_label(state: State) -> &'static str {
         State::Starting => "starting",
         State::Healthy => "healthy",
         State::Suspect => "suspect",
+        State::Overloaded => "overloaded",
         State::Crashed => "crashed",
         State::Hung => "hung",
         State::Unreachable => "unreachable",

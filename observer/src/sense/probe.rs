@@ -1,18 +1,25 @@
-//! The `Version()` probe: asks containerd, over its gRPC socket, which version it runs.
+//! The `Version()` probes: ask containerd, over its gRPC socket, which version it runs.
 //!
-//! Each probe opens a fresh connection, so a containerd that no longer accepts connections
-//! fails the probe just like one whose handlers hang. Each has its own deadline over the
-//! whole exchange: a frozen containerd accepts connections and never answers.
+//! [`probe_version`] opens a fresh connection each time, so a containerd that no longer
+//! accepts connections fails it just like one whose handlers hang. [`OpenConnection`] asks
+//! over a connection kept open between probes, as the kubelet's is: it needs only the
+//! handlers. Side by side they tell "the accept loop is behind" from "the handlers are dead".
+//! Each call has its own deadline over the whole exchange: a frozen containerd accepts
+//! connections and never answers.
 
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use containerd_client::services::v1::version_client::VersionClient;
+use tonic::transport::Channel;
 
-use crate::judge::detector::ProbeFailure;
+use crate::judge::detector::{ProbeChannel, ProbeFailure};
 
 /// What one probe found.
 #[derive(Debug, Clone)]
@@ -21,6 +28,7 @@ pub struct ProbeResult {
     pub started_wall: std::time::SystemTime,
     pub latency: Duration,
     pub outcome: Result<String, (ProbeFailure, String)>,
+    pub channel: ProbeChannel,
 }
 
 /// First and longest pause before connecting again to a socket whose accept backlog is full.
@@ -53,6 +61,73 @@ pub async fn probe_version(socket: &Path, timeout: Duration) -> ProbeResult {
         started_wall,
         latency: started.elapsed(),
         outcome,
+        channel: ProbeChannel::Fresh,
+    }
+}
+
+/// A connection to containerd kept open between probes. Cloning shares the connection; a
+/// call that fails with an error drops it, and the next probe connects again; one that
+/// times out keeps it.
+#[derive(Debug, Clone, Default)]
+pub struct OpenConnection {
+    channel: Arc<Mutex<Option<Channel>>>,
+}
+
+impl OpenConnection {
+    /// Asks `Version()` over the open connection (opening it first if there is none), with
+    /// a deadline of `timeout`.
+    pub async fn probe_version(&self, socket: &Path, timeout: Duration) -> ProbeResult {
+        let started = Instant::now();
+        let started_wall = std::time::SystemTime::now();
+        let kept = self.lock().clone();
+        let call = async {
+            let channel = match kept {
+                Some(channel) => channel,
+                None => containerd_client::connect(socket).await.map_err(|e| {
+                    (
+                        ProbeFailure::Error,
+                        format!("cannot connect to {}: {}", socket.display(), chain(&e)),
+                    )
+                })?,
+            };
+            let reply = VersionClient::new(channel.clone())
+                .version(())
+                .await
+                .map_err(|status| (ProbeFailure::Error, format!("Version() returned {status}")))?;
+            Ok::<_, (ProbeFailure, String)>((channel, reply.into_inner().version))
+        };
+        let outcome = match tokio::time::timeout(timeout, call).await {
+            Ok(Ok((channel, version))) => {
+                *self.lock() = Some(channel);
+                Ok(version)
+            }
+            Ok(Err(e)) => {
+                self.forget();
+                Err(e)
+            }
+            // A slow answer does not break the connection: keep it, as the kubelet does.
+            Err(_) => Err((
+                ProbeFailure::Timeout,
+                format!("no answer within {}", humantime::format_duration(timeout)),
+            )),
+        };
+        ProbeResult {
+            started,
+            started_wall,
+            latency: started.elapsed(),
+            outcome,
+            channel: ProbeChannel::Open,
+        }
+    }
+
+    /// Drops the connection (containerd was restarted: the next probe connects to the new one).
+    pub fn forget(&self) {
+        *self.lock() = None;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Channel>> {
+        // The guarded value is a plain handle: a panic elsewhere leaves it usable.
+        self.channel.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -50,6 +50,8 @@ enum QueueWatch {
 /// All sensors but the probe.
 pub struct Sensors {
     kernel: Option<KernelSensors>,
+    /// The main PID the sensors follow (the latest one named).
+    followed: Option<u32>,
     exit_by_pidfd: bool,
     queue: QueueWatch,
     listeners: Vec<PathBuf>,
@@ -72,6 +74,7 @@ impl Sensors {
         };
         let mut sensors = Self {
             kernel: None,
+            followed: None,
             exit_by_pidfd: false,
             queue: QueueWatch::Off,
             listeners: settings.listeners.clone(),
@@ -174,11 +177,26 @@ impl Sensors {
     /// `identity` is the process as it was when systemd named it: the pidfd fallback checks
     /// that the PID still names it.
     pub fn follow(&mut self, pid: Option<u32>, identity: Option<ProcessIdentity>) {
+        let replaced = self.followed.is_some_and(|old| Some(old) != pid);
+        let first = self.followed.is_none() && pid.is_some();
+        if pid.is_some() {
+            self.followed = pid;
+        }
         if let Some(kernel) = self.kernel.as_mut() {
             // A new process has new listening sockets; the next heartbeat learns them, and
-            // connections queued on the old ones are no longer counted.
-            for index in 0..self.listeners.len() as u32 {
-                kernel.forget_listener(index);
+            // connections queued on the old ones are no longer counted. The first PID keeps
+            // what the heartbeat learned already: under a storm of connections the queue may
+            // stay full, and a heartbeat that gets EAGAIN learns nothing.
+            if replaced {
+                for index in 0..self.listeners.len() as u32 {
+                    kernel.forget_listener(index);
+                }
+            } else if first {
+                // Connections queued before the PID filter was set had their accepts
+                // filtered out: they would age for ever as if containerd never took them.
+                for index in 0..self.listeners.len() as u32 {
+                    kernel.purge_pending(index, Duration::ZERO);
+                }
             }
             if let Some(pid) = pid {
                 if let Err(e) = kernel.watch_only(pid) {
@@ -209,6 +227,13 @@ impl Sensors {
         let mut merge = |s: PendingSnapshot| {
             let w = worst.get_or_insert_with(PendingSnapshot::default);
             w.count += s.count;
+            // The listener whose connection waits longest speaks for the accept loop's
+            // progress too.
+            match s.oldest_age.cmp(&w.oldest_age) {
+                std::cmp::Ordering::Greater => w.accepted = s.accepted,
+                std::cmp::Ordering::Equal => w.accepted += s.accepted,
+                std::cmp::Ordering::Less => {}
+            }
             w.oldest_age = w.oldest_age.max(s.oldest_age);
         };
         let source = match &mut self.queue {
@@ -248,7 +273,12 @@ impl Sensors {
                                     tracker.update(now, &sample.pending_inodes);
                                 // With thousands pending the kernel omits the inode list.
                                 let count = tracked.max(sample.pending);
-                                merge(PendingSnapshot { count, oldest_age });
+                                let accepted = tracker.accepted();
+                                merge(PendingSnapshot {
+                                    count,
+                                    oldest_age,
+                                    accepted,
+                                });
                             }
                         }
                         Err(e) => debug!("sock_diag sample of {} failed: {e}", path.display()),

@@ -17,7 +17,7 @@
 
 pub mod cost;
 pub mod load;
-mod procfs;
+pub mod procfs;
 pub mod recovery;
 pub mod soak;
 pub mod zoo;

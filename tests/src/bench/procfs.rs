@@ -11,14 +11,14 @@ use std::{
 
 /// One look at a process.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct ProcSample {
+pub struct ProcSample {
     pub at: Instant,
     pub cpu: Duration,
     pub rss_kib: u64,
     pub hwm_kib: u64,
 }
 
-pub(crate) fn sample(pid: u32) -> io::Result<ProcSample> {
+pub fn sample(pid: u32) -> io::Result<ProcSample> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
     let at = Instant::now();

@@ -311,16 +311,18 @@ fn accept_queue_len(path: &Path) -> Option<u64> {
 /// `cpu` hierarchy (systemd keeps tracking the unit in its own hierarchy, and the sandbox's
 /// teardown removes cgroups of its name in every hierarchy); on cgroup v2 it is `CPUQuota=`
 /// on the unit, which needs the `cpu` controller delegated to the sandbox.
-struct Throttle {
+pub struct Throttle {
     /// Where `cpu.stat` is.
     stat: PathBuf,
-    how: String,
+    /// How containerd's CPU was capped, in words.
+    pub how: String,
 }
 
 const V1_CPU: &str = "/sys/fs/cgroup/cpu";
 
 impl Throttle {
-    fn apply(sandbox: &Sandbox, pid: u32, percent: u32) -> Result<Throttle, String> {
+    /// Caps `pid` (containerd) at `percent` % of one CPU.
+    pub fn apply(sandbox: &Sandbox, pid: u32, percent: u32) -> Result<Throttle, String> {
         let period_us = 100_000u64;
         let quota_us = period_us * u64::from(percent) / 100;
         let v1 = Path::new(V1_CPU);
@@ -388,7 +390,7 @@ impl Throttle {
     }
 
     /// `(periods, throttled periods)` so far.
-    fn periods(&self) -> Option<(u64, u64)> {
+    pub fn periods(&self) -> Option<(u64, u64)> {
         let stat = fs::read_to_string(&self.stat).ok()?;
         let field = |key: &str| {
             stat.lines()

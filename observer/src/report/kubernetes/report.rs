@@ -98,6 +98,15 @@ pub fn judge(observed: &Observed<'_>) -> Option<Judgement> {
                 evidence(State::Suspect)
             ),
         ),
+        // Overload is reported, never acted on, and does not flip the status by itself.
+        State::Overloaded => (
+            None,
+            "ContainerdOverloaded",
+            format!(
+                "{unit} is overloaded: it makes progress, slowly{}",
+                evidence(State::Overloaded)
+            ),
+        ),
         State::Crashed => (
             Some(true),
             "ContainerdCrashed",
@@ -335,6 +344,7 @@ fn verdict_occurrence(unit: &str, v: &VerdictRecord) -> Occurrence {
         State::Starting => ("ObserverStarting", false),
         State::Healthy => ("ContainerdHealthy", false),
         State::Suspect => ("ContainerdSuspect", true),
+        State::Overloaded => ("ContainerdOverloaded", true),
         State::Crashed => ("ContainerdCrashed", true),
         State::Hung => ("ContainerdHung", true),
         State::Unreachable => ("ContainerdUnreachable", true),

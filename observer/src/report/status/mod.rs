@@ -41,7 +41,13 @@ pub struct StatusDocument {
     pub mode: &'static str,
     pub dry_run: bool,
     pub sensors: Sensors,
+    /// The latest `Version()` probe over a fresh connection.
     pub last_probe: Option<ProbeRecord>,
+    /// The latest `Version()` probe over the connection kept open between probes.
+    pub open_probe: Option<ProbeRecord>,
+    /// Consecutive failed fresh-connection probes in the episode under way: counted, not
+    /// listed, however long it lasts.
+    pub failed_probes: u32,
     /// Connections waiting in containerd's accept queue now.
     pub pending_connections: PendingRecord,
     /// How long connections waited before containerd accepted them, over a sliding window.
@@ -84,6 +90,20 @@ pub struct ObserverRecord {
     pub version: &'static str,
     pub pid: u32,
     pub started_at: String,
+    /// Gaps in the observer's own scheduling so far (a late tick, a suspended machine).
+    pub scheduling_gaps: u64,
+    pub last_scheduling_gap: Option<GapRecord>,
+}
+
+/// A stretch in which the observer itself did not run; what expired across it was discarded.
+#[derive(Debug, Clone, Serialize)]
+pub struct GapRecord {
+    /// When it began.
+    pub at: String,
+    /// How long the observer was away.
+    pub duration_ms: f64,
+    /// How much of it the machine was suspended (`CLOCK_BOOTTIME` ahead of `CLOCK_MONOTONIC`).
+    pub suspended_ms: f64,
 }
 
 impl ObserverRecord {
@@ -93,6 +113,8 @@ impl ObserverRecord {
             version: env!("CARGO_PKG_VERSION"),
             pid: std::process::id(),
             started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            scheduling_gaps: 0,
+            last_scheduling_gap: None,
         }
     }
 }
@@ -159,6 +181,11 @@ pub struct PendingRecord {
     pub oldest_age_ms: Option<f64>,
     /// `ebpf` or `sock_diag`; null when no sensor watches the queue.
     pub source: Option<Source>,
+    /// The accept loop's progress: connections per second taken off the queue after they
+    /// had waited in it, over the last 5 s.
+    pub accepted_per_s: f64,
+    /// How long ago containerd last took a waiting connection off the queue.
+    pub last_accept_ago_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -186,6 +186,8 @@ fn add_pending_inodes(samples: &mut [ListenerSample], detailed: &[ListenerSample
 pub struct PendingTracker {
     /// The last sample's queue, oldest first, each with the time it was first seen.
     queue: Vec<(u64, Instant)>,
+    /// Connections taken off the head of the queue between the last two samples.
+    accepted: u32,
 }
 
 impl PendingTracker {
@@ -197,6 +199,7 @@ impl PendingTracker {
     /// connection or None).
     pub fn update(&mut self, now: Instant, pending_inodes: &[u64]) -> (u32, Option<Duration>) {
         let accepted = fifo_accepted(&self.queue, pending_inodes);
+        self.accepted = u32::try_from(accepted).unwrap_or(u32::MAX);
         let kept = &self.queue[accepted..];
         let mut earlier: Option<HashMap<u64, Instant>> = None;
         let mut next = Vec::with_capacity(pending_inodes.len());
@@ -222,6 +225,13 @@ impl PendingTracker {
             .min()
             .map(|seen| now.saturating_duration_since(seen));
         (count, oldest)
+    }
+}
+
+impl PendingTracker {
+    /// Connections accepted between the last two samples (taken off the queue's head).
+    pub fn accepted(&self) -> u32 {
+        self.accepted
     }
 }
 
@@ -909,6 +919,7 @@ mod tests {
         assert_eq!(tracker.update(t0 + s(2), &[10, 11, 12]), (3, Some(s(1))));
         // 10 accepted: 11 is now the oldest, first seen at 1s.
         assert_eq!(tracker.update(t0 + s(3), &[11, 12]), (2, Some(s(2))));
+        assert_eq!(tracker.accepted(), 1);
         // 11's client gave up: its connection still waits, with its age.
         assert_eq!(tracker.update(t0 + s(5), &[0, 12, 13]), (3, Some(s(4))));
         assert_eq!(tracker.update(t0 + s(6), &[0, 0, 13]), (3, Some(s(5))));

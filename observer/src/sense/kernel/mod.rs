@@ -16,6 +16,7 @@ pub mod fentry;
 pub mod layout;
 
 use std::{
+    collections::HashMap,
     os::fd::OwnedFd,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -110,6 +111,9 @@ pub struct KernelAccept {
 pub struct PendingSnapshot {
     pub count: u32,
     pub oldest_age: Option<Duration>,
+    /// Connections that waited at the previous look and were accepted since: the accept
+    /// loop's progress.
+    pub accepted: u32,
 }
 
 /// Whether a sensor runs, and if not, why.
@@ -171,6 +175,9 @@ pub struct KernelSensors {
     watched: BpfHashMap<MapData, u32, u8>,
     listeners: Array<MapData, u64>,
     pending: BpfHashMap<MapData, u64, PendingConnection>,
+    /// Per listener, the connections the last look found waiting (skb, queued at): those
+    /// gone by the next look were accepted.
+    last_seen: HashMap<u32, HashMap<u64, u64>>,
     counters: PerCpuArray<MapData, u64>,
     follow_exe: Option<Array<MapData, ExePath>>,
     learner: Option<ListenerLearner>,
@@ -471,6 +478,7 @@ impl KernelSensors {
             watched,
             listeners,
             pending,
+            last_seen: HashMap::new(),
             counters,
             follow_exe,
             learner,
@@ -530,6 +538,7 @@ impl KernelSensors {
         let now_ns = monotonic_now_ns();
         let mut snapshot = PendingSnapshot::default();
         let mut stale = Vec::new();
+        let mut seen = HashMap::new();
         for entry in &self.pending {
             let Ok((skb, conn)) = entry else { continue };
             if conn.listener_index != index {
@@ -540,12 +549,21 @@ impl KernelSensors {
                 continue;
             }
             snapshot.count += 1;
+            seen.insert(skb, conn.queued_ns);
             let age = Duration::from_nanos(now_ns.saturating_sub(conn.queued_ns));
             snapshot.oldest_age = Some(snapshot.oldest_age.map_or(age, |o| o.max(age)));
         }
         for skb in stale {
             let _ = self.pending.remove(&skb);
         }
+        // An skb address reused by a newer connection carries another queue time.
+        let previous = self.last_seen.insert(index, seen).unwrap_or_default();
+        let now_seen = &self.last_seen[&index];
+        let accepted = previous
+            .iter()
+            .filter(|(skb, queued)| now_seen.get(*skb) != Some(*queued))
+            .count();
+        snapshot.accepted = u32::try_from(accepted).unwrap_or(u32::MAX);
         snapshot
     }
 
@@ -570,6 +588,7 @@ impl KernelSensors {
     /// Forgets listener `index`'s address (its containerd is gone); the next heartbeat
     /// learns the new one.
     pub fn forget_listener(&mut self, index: u32) {
+        self.last_seen.remove(&index);
         if index < MAX_LISTENERS {
             let _ = self.listeners.set(index, 0, 0);
         }
