@@ -426,10 +426,7 @@ impl Detector {
                         {
                             return Decision::Wait;
                         }
-                        if let Some(failures) = self
-                            .failures
-                            .as_ref()
-                            .filter(|f| sent >= f.last.at)
+                        if let Some(failures) = self.failures.as_ref().filter(|f| sent >= f.last.at)
                         {
                             // The handlers answer while fresh connections fail: behind, not dead.
                             let mut evidence = vec![failures.last.clone(), evidence];

@@ -32,9 +32,8 @@ use crate::{
     report::metrics::{Metrics, state_label},
     report::status::{
         self, ActionRecord, BudgetRecord, BusRecord, Endpoint, ExitRecord, GapRecord,
-        LatencyRecord,
-        ObserverRecord, PendingRecord, ProbeRecord, RefreshRequest, RestartRecord, StatusDocument,
-        VerdictRecord, WallClock, millis, push_action, push_bounded,
+        LatencyRecord, ObserverRecord, PendingRecord, ProbeRecord, RefreshRequest, RestartRecord,
+        StatusDocument, VerdictRecord, WallClock, millis, push_action, push_bounded,
     },
     sense::kernel::{KernelAccept, KernelEvent, KernelExit},
     sense::listener::{self, Ownership},
