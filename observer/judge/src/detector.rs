@@ -63,6 +63,10 @@ pub struct DetectorConfig {
     pub stall_threshold: Duration,
     /// Least time between two confirming probes asked for by kernel suspicion.
     pub confirm_spacing: Duration,
+    /// How long an overloaded containerd (one seen accepting from a long queue) must accept
+    /// nothing before its accept loop counts as stalled: a throttled process accepts in
+    /// bursts, with pauses longer than `stall_threshold` between them.
+    pub overloaded_stall: Duration,
     /// How long calls on an open connection may fail while containerd is overloaded before
     /// it counts as hung: the kubelet reports the runtime down after 30 s without a
     /// successful `Status`.
@@ -85,6 +89,7 @@ impl Default for DetectorConfig {
             failures_to_hang: 3,
             stall_threshold: Duration::from_secs(1),
             confirm_spacing: Duration::from_secs(1),
+            overloaded_stall: Duration::from_secs(5),
             call_horizon: Duration::from_secs(30),
         }
     }
@@ -699,9 +704,16 @@ impl Detector {
             return Decision::Wait;
         }
         let queued = now.checked_sub(age).unwrap_or(now);
+        let silence = if self.state == State::Overloaded {
+            self.config
+                .overloaded_stall
+                .max(self.config.stall_threshold)
+        } else {
+            self.config.stall_threshold
+        };
         let moving = self
             .last_accept
-            .is_some_and(|at| now.saturating_duration_since(at) < self.config.stall_threshold);
+            .is_some_and(|at| now.saturating_duration_since(at) < silence);
         if age < self.config.stall_threshold {
             // Not a stall yet, but worth a probe whose deadline ends past the threshold.
             self.stall = None;
@@ -1650,6 +1662,41 @@ mod tests {
             d.observe(t0 + ms(2000), failed(t0 + ms(1000), ProbeFailure::Timeout))
         else {
             panic!("a frozen containerd is hung");
+        };
+        assert_eq!(v.state, State::Hung);
+    }
+
+    /// A throttled containerd accepts in bursts: a pause a little longer than the threshold,
+    /// once it was seen overloaded, is no stall. Five seconds of silence are.
+    #[test]
+    fn an_overloaded_containerd_that_pauses_between_bursts_is_not_stalled_until_it_stays_silent() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0, sample(4096, 1200, 50));
+        d.observe(t0 + ms(100), sample(4096, 1300, 40));
+        assert_eq!(d.state(), State::Overloaded);
+        // 1.5 s without an accept; a confirming probe fails meanwhile.
+        for step in 1..=15u64 {
+            d.observe(
+                t0 + ms(100 + step * 100),
+                sample(4096, 1300 + step * 100, 0),
+            );
+        }
+        let decision = d.observe(t0 + ms(1600), failed(t0 + ms(600), ProbeFailure::Timeout));
+        assert!(!matches!(decision, Decision::Restart(_)));
+        assert_eq!(d.state(), State::Overloaded);
+        // It stays silent: a stall, and the next failed probe is a hang.
+        for step in 16..=60u64 {
+            d.observe(
+                t0 + ms(100 + step * 100),
+                sample(4096, 1300 + step * 100, 0),
+            );
+        }
+        assert_eq!(d.state(), State::Suspect);
+        let Decision::Restart(v) =
+            d.observe(t0 + ms(7000), failed(t0 + ms(6000), ProbeFailure::Timeout))
+        else {
+            panic!("silent for 5 s: hung");
         };
         assert_eq!(v.state, State::Hung);
     }
