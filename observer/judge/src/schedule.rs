@@ -81,6 +81,12 @@ impl ScheduleWatch {
         Some(gap)
     }
 
+    /// The loop was busy on purpose until `now` (it awaited an answer): start measuring
+    /// afresh from here, without judging the time since the last turn.
+    pub fn resume(&mut self, now: Reading) {
+        self.last = Some(now);
+    }
+
     /// Gaps seen so far.
     pub fn gaps(&self) -> u64 {
         self.gaps
@@ -165,5 +171,16 @@ mod tests {
         }
         assert_eq!(w.gaps(), 3);
         assert_eq!(w.latest().unwrap().to, t0 + ms(t - 250));
+    }
+
+    #[test]
+    fn a_wait_the_loop_chose_is_no_gap() {
+        let t0 = Instant::now();
+        let mut w = watch();
+        w.turn(at(t0, 0, 0));
+        // The loop awaited systemd for 2 s, then went on.
+        w.resume(at(t0, 2000, 2000));
+        assert_eq!(w.turn(at(t0, 2250, 2250)), None);
+        assert_eq!(w.gaps(), 0);
     }
 }

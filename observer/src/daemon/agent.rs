@@ -597,7 +597,11 @@ impl Agent<'_> {
         let Some(systemd) = &self.systemd else {
             return;
         };
-        let status = match tokio::time::timeout(LOOP_CALL_DEADLINE, systemd.status()).await {
+        let answer = tokio::time::timeout(LOOP_CALL_DEADLINE, systemd.status()).await;
+        // The loop waited for systemd on purpose; that is no gap in its own scheduling (the
+        // probes run in their own tasks meanwhile, their deadlines are their own).
+        self.schedule.resume(read_clocks());
+        let status = match answer {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 warn!("cannot read the unit's state from systemd: {e}");
