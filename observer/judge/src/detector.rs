@@ -560,7 +560,7 @@ impl Detector {
                     unexplained: 1,
                     first: evidence.clone(),
                     last: evidence.clone(),
-                })
+                });
             }
         }
         if self.restart_in_flight || matches!(self.state, State::Crashed | State::Stopped) {

@@ -1365,7 +1365,7 @@ fn read_clocks() -> Reading {
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec into memory this function owns.
-    let boottime = if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } == 0 {
+    let boottime = if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut ts) } == 0 {
         Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
     } else {
         // Without it only late ticks are seen; the monotonic clock stands in.

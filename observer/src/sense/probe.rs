@@ -127,7 +127,9 @@ impl OpenConnection {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Channel>> {
         // The guarded value is a plain handle: a panic elsewhere leaves it usable.
-        self.channel.lock().unwrap_or_else(|e| e.into_inner())
+        self.channel
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
