@@ -15,6 +15,8 @@ use clap::{Args, Parser, Subcommand, builder::BoolishValueParser};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::judge::layer::Layer;
+
 /// Default path of containerd's gRPC socket.
 pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
 /// Default systemd unit running containerd.
@@ -193,6 +195,22 @@ pub struct RunArgs {
     /// Do not ask a hung containerd for its goroutine dump (SIGUSR1) before restarting it.
     #[arg(long, env = "OBSERVER_NO_STACK_DUMP", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", value_parser = BoolishValueParser::new())]
     pub no_stack_dump: Option<bool>,
+    /// Probe layers to run, comma-separated, from version, cri, sandboxes, metadata_read,
+    /// metadata_write, snapshots, tasks (version is always one) [default: every layer the running containerd supports]
+    #[arg(long, env = "OBSERVER_PROBES", value_name = "LAYERS", value_delimiter = ',', value_parser = parse_layer)]
+    pub probes: Vec<Layer>,
+    /// Base period of the deeper probe layers: reads run every period, writes, snapshots and tasks every two [default: 5s]
+    #[arg(long, env = "OBSERVER_LADDER_INTERVAL", value_name = "DUR", value_parser = parse_duration)]
+    pub ladder_interval: Option<Duration>,
+    /// How long containerd's threads may stay in D state before it is a storage stall [default: 2s]
+    #[arg(long, env = "OBSERVER_BLOCKED_THRESHOLD", value_name = "DUR", value_parser = parse_duration)]
+    pub blocked_threshold: Option<Duration>,
+    /// The snapshotter whose lock the snapshots layer takes: the one the CRI plugin uses [default: overlayfs]
+    #[arg(long, env = "OBSERVER_SNAPSHOTTER", value_name = "NAME")]
+    pub snapshotter: Option<String>,
+    /// Kill a shim that does not answer containerd (containerd itself is never restarted for it).
+    #[arg(long, env = "OBSERVER_KILL_HUNG_SHIMS", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL", value_parser = BoolishValueParser::new())]
+    pub kill_hung_shims: Option<bool>,
     /// Log line format: text (coloured on a terminal) or json (one object per line) [default: text]
     #[arg(long, env = "OBSERVER_LOG_FORMAT", value_name = "text|json")]
     pub log_format: Option<LogFormat>,
@@ -245,6 +263,39 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+fn parse_layer(s: &str) -> Result<Layer, String> {
+    s.trim().parse()
+}
+
+/// A probe layer's name, as the file spells it.
+#[derive(Debug, Clone, Copy)]
+struct LayerName(Layer);
+
+impl FromStr for LayerName {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_layer(s).map(LayerName)
+    }
+}
+
+/// The file's list of probe layers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(from = "Vec<LayerName>")]
+struct LayerList(Vec<Layer>);
+
+impl From<Vec<LayerName>> for LayerList {
+    fn from(names: Vec<LayerName>) -> Self {
+        LayerList(names.into_iter().map(|n| n.0).collect())
+    }
+}
+
+impl From<LayerList> for Vec<Layer> {
+    fn from(list: LayerList) -> Self {
+        list.0
+    }
 }
 
 fn parse_listen_addr(s: &str) -> Result<SocketAddr, String> {
@@ -360,7 +411,14 @@ macro_rules! deserialize_from_str {
     )*};
 }
 
-deserialize_from_str!(HumanDuration, ListenAddr, Bus, LogFormat, LogLevel);
+deserialize_from_str!(
+    HumanDuration,
+    ListenAddr,
+    Bus,
+    LogFormat,
+    LogLevel,
+    LayerName
+);
 
 /// The optional configuration file. Unknown keys are errors, so a typo never goes unnoticed;
 /// every value keeps its position so that errors can name its line.
@@ -390,6 +448,11 @@ struct FileConfig {
     dry_run: Option<Spanned<bool>>,
     log_format: Option<Spanned<LogFormat>>,
     log_level: Option<Spanned<LogLevel>>,
+    probes: Option<Spanned<LayerList>>,
+    ladder_interval: Option<Spanned<HumanDuration>>,
+    blocked_threshold: Option<Spanned<HumanDuration>>,
+    snapshotter: Option<Spanned<String>>,
+    kill_hung_shims: Option<Spanned<bool>>,
 }
 
 /// Settings the agent runs with, after merging flags, environment, file and defaults.
@@ -421,6 +484,12 @@ pub struct Settings {
     pub dump_stacks: bool,
     pub log_format: LogFormat,
     pub log_level: LogLevel,
+    /// The probe layers asked for; `None`: every layer the running containerd supports.
+    pub probes: Option<Vec<Layer>>,
+    pub ladder_interval: Duration,
+    pub blocked_threshold: Duration,
+    pub snapshotter: String,
+    pub kill_hung_shims: bool,
 }
 
 /// Where a setting's value came from, so that an error can say where to fix it.
@@ -635,6 +704,37 @@ impl Settings {
                 fallback_sensors.origin, no_ebpf.origin
             )));
         }
+        let probes = at.find(
+            "probes",
+            (!args.probes.is_empty()).then(|| args.probes.clone()),
+            file.probes,
+        );
+        if let Some(p) = &probes {
+            if !p.value.contains(&Layer::Version) {
+                return Err(p.error(
+                    "the version layer cannot be left out: it is the liveness probe every verdict starts from; add version to the list".into(),
+                ));
+            }
+            let mut seen = Vec::new();
+            for layer in &p.value {
+                if seen.contains(layer) {
+                    return Err(p.error(format!("{layer} is named twice; name each layer once")));
+                }
+                seen.push(*layer);
+            }
+        }
+        let snapshotter = at.pick(
+            "snapshotter",
+            args.snapshotter.clone(),
+            file.snapshotter,
+            || "overlayfs".into(),
+        );
+        if snapshotter.value.is_empty() || snapshotter.value.contains(char::is_whitespace) {
+            return Err(snapshotter.error(format!(
+                "`{}` is not a snapshotter name; give one such as overlayfs",
+                snapshotter.value
+            )));
+        }
         let log_level = match (&args.log_level, rust_log) {
             (Some(level), _) => level.clone(),
             // RUST_LOG keeps its own rules: a bare word there is a target, not a typo.
@@ -759,6 +859,30 @@ impl Settings {
                 )
                 .value,
             log_level,
+            probes: probes.map(|p| p.value),
+            ladder_interval: duration(
+                "ladder-interval",
+                args.ladder_interval,
+                file.ladder_interval,
+                Duration::from_secs(5),
+            )
+            .value,
+            blocked_threshold: duration(
+                "blocked-threshold",
+                args.blocked_threshold,
+                file.blocked_threshold,
+                Duration::from_secs(2),
+            )
+            .value,
+            snapshotter: snapshotter.value,
+            kill_hung_shims: at
+                .pick(
+                    "kill-hung-shims",
+                    args.kill_hung_shims,
+                    file.kill_hung_shims,
+                    || false,
+                )
+                .value,
         })
     }
 }
@@ -917,6 +1041,73 @@ max-restarts = 2
             ..Default::default()
         };
         assert_eq!(resolve(&args).unwrap().listeners.len(), 2);
+    }
+
+    #[test]
+    fn probe_layers_come_from_flag_or_file_and_are_checked() {
+        let s = resolve(&RunArgs::default()).unwrap();
+        assert_eq!(s.probes, None, "by default every layer containerd supports");
+        assert_eq!(s.ladder_interval, Duration::from_secs(5));
+        assert_eq!(s.blocked_threshold, Duration::from_secs(2));
+        assert_eq!(s.snapshotter, "overlayfs");
+        assert!(!s.kill_hung_shims, "killing hung shims is off by default");
+
+        let cli = Cli::try_parse_from([
+            "observer",
+            "--probes",
+            "version,tasks,metadata_write",
+            "--kill-hung-shims",
+        ])
+        .unwrap();
+        let s = resolve(&cli.run).unwrap();
+        assert_eq!(
+            s.probes,
+            Some(vec![Layer::Version, Layer::Tasks, Layer::MetadataWrite])
+        );
+        assert!(s.kill_hung_shims);
+
+        let path = write(
+            "probes = [\"version\", \"cri\"]\nladder-interval = \"10s\"\nblocked-threshold = \"5s\"\nsnapshotter = \"native\"\nkill-hung-shims = true\n",
+        );
+        let s = resolve(&RunArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        std::fs::remove_file(path).unwrap();
+        assert_eq!(s.probes, Some(vec![Layer::Version, Layer::Cri]));
+        assert_eq!(s.ladder_interval, Duration::from_secs(10));
+        assert_eq!(s.blocked_threshold, Duration::from_secs(5));
+        assert_eq!(s.snapshotter, "native");
+        assert!(s.kill_hung_shims);
+    }
+
+    #[test]
+    fn bad_probe_lists_say_what_to_fix() {
+        let err = Cli::try_parse_from(["observer", "--probes", "version,metadata"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not a probe layer") && err.contains("metadata_read"),
+            "{err}"
+        );
+        let cli = Cli::try_parse_from(["observer", "--probes", "cri,tasks"]).unwrap();
+        let err = resolve(&cli.run).unwrap_err().to_string();
+        assert!(err.starts_with("--probes or OBSERVER_PROBES"), "{err}");
+        assert!(err.contains("version layer cannot be left out"), "{err}");
+        let cli = Cli::try_parse_from(["observer", "--probes", "version,cri,cri"]).unwrap();
+        let err = resolve(&cli.run).unwrap_err().to_string();
+        assert!(err.contains("cri is named twice"), "{err}");
+        let err = file_error("probes = [\"version\", \"snapshot\"]\n");
+        assert!(
+            err.contains("line 1") && err.contains("not a probe layer"),
+            "{err}"
+        );
+        let err = file_error("probes = [\"tasks\"]\n");
+        assert!(
+            err.contains("`probes` in") && err.contains("line 1"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! ```text
 //! runtime/                 XDG_RUNTIME_DIR: systemd/private (systemctl), bus (D-Bus)
 //! config/systemd/user/     XDG_CONFIG_HOME: containerd.service and units from write_unit
-//! containerd/config.toml   containerd's own root, state and socket; CRI disabled
+//! containerd/config.toml   containerd's own root, state and socket; CRI loaded unless
+//!                          turned off (no CNI: the CRI probes need none)
+//! containerd/root/         containerd's root, optionally an ext4 loop mount of root.img
 //! containerd.sock          containerd's gRPC socket (and containerd.sock.ttrpc)
 //! containerd.log           containerd's stdout and stderr
 //! manager.log              the user manager's launcher (unshare, mount) errors
@@ -34,6 +36,7 @@ use std::{
 use crate::{
     SandboxError,
     cgroup::{self, SandboxCgroup},
+    inject::{Container, FrozenRoot, LoopRoot, StartupHang},
     process::{self, TAIL_LINES},
 };
 
@@ -67,6 +70,8 @@ pub struct SandboxOptions {
     service_extra: String,
     exec_start: Option<String>,
     keep_dir: bool,
+    cri: bool,
+    root_on_loop_mib: Option<u64>,
 }
 
 impl Default for SandboxOptions {
@@ -84,7 +89,24 @@ impl SandboxOptions {
             service_extra: String::new(),
             exec_start: None,
             keep_dir: false,
+            cri: true,
+            root_on_loop_mib: None,
         }
+    }
+
+    /// Disables containerd's CRI plugin, as a misconfigured node would (CRI `Status` is then
+    /// `Unimplemented`). It is loaded by default.
+    pub fn without_cri(mut self) -> Self {
+        self.cri = false;
+        self
+    }
+
+    /// Puts containerd's root on an ext4 filesystem of `size_mib` MiB in a loop-mounted file
+    /// of the sandbox, which [`Sandbox::freeze_root`] can freeze. Needs `mkfs.ext4` and
+    /// `fsfreeze`.
+    pub fn root_on_loop_fs(mut self, size_mib: u64) -> Self {
+        self.root_on_loop_mib = Some(size_mib);
+        self
     }
 
     /// The value of `Restart=`: `no`, `always`, `on-failure`, ... Remember systemd's start
@@ -184,6 +206,7 @@ pub struct Sandbox {
     /// The `systemd --user` process (unshare exec'd into it), once started.
     manager: Option<Child>,
     cgroup: Option<SandboxCgroup>,
+    loop_root: Option<LoopRoot>,
 }
 
 impl Sandbox {
@@ -234,9 +257,18 @@ impl Sandbox {
             keep_dir: opts.keep_dir,
             manager: None,
             cgroup: None,
+            loop_root: None,
         };
         sandbox.check_socket_paths()?;
         sandbox.write_files(&opts, &daemon)?;
+        // Before the manager starts: its private mount namespace copies the mounts it sees.
+        if let Some(size) = opts.root_on_loop_mib {
+            sandbox.loop_root = Some(LoopRoot::create(
+                &sandbox.dir.join("root.img"),
+                &sandbox.root_dir(),
+                size,
+            )?);
+        }
         let name = sandbox.name();
         sandbox.cgroup = Some(SandboxCgroup::create(&name)?);
         sandbox.start_manager(&systemd, &unshare)?;
@@ -264,6 +296,46 @@ impl Sandbox {
     /// The unit that runs containerd.
     pub fn unit(&self) -> &str {
         &self.unit
+    }
+
+    /// containerd's root directory (its metadata database, snapshots, content).
+    pub fn root_dir(&self) -> PathBuf {
+        self.dir.join("containerd/root")
+    }
+
+    /// Freezes containerd's root filesystem until the guard drops. Needs a sandbox started
+    /// with [`SandboxOptions::root_on_loop_fs`].
+    pub fn freeze_root(&self) -> Result<FrozenRoot, SandboxError> {
+        self.loop_root
+            .as_ref()
+            .ok_or_else(|| {
+                SandboxError::InvalidOption(
+                    "containerd's root is not on a loop filesystem: start the sandbox with \
+                     SandboxOptions::root_on_loop_fs"
+                        .into(),
+                )
+            })?
+            .freeze()
+    }
+
+    /// Runs a container (`/bin/sleep 600` over busybox) in namespace `k8s.io`; dropping the
+    /// guard kills and deletes it. Needs Debian's busybox-static.
+    pub fn run_container(&self) -> Result<Container, SandboxError> {
+        Container::run(&self.socket, &self.dir)
+    }
+
+    /// Makes containerd hang at start: stops the unit, takes the lock on its metadata
+    /// database, and starts the unit again without waiting. containerd then runs but never
+    /// serves its socket, and a restart hangs the same way, until the guard drops.
+    pub fn hang_startup(&self) -> Result<StartupHang, SandboxError> {
+        self.systemctl(&["stop", &self.unit])?;
+        let hang = StartupHang::lock(
+            &self
+                .root_dir()
+                .join("io.containerd.metadata.v1.bolt/meta.db"),
+        )?;
+        self.systemctl(&["start", "--no-block", &self.unit])?;
+        Ok(hang)
     }
 
     /// containerd's stdout and stderr, appended across restarts.
@@ -336,6 +408,18 @@ impl Sandbox {
     pub fn stop_bus(&self) -> Result<BusOutage<'_>, SandboxError> {
         self.systemctl(&["stop", "dbus.socket", "dbus.service"])?;
         Ok(BusOutage { sandbox: self })
+    }
+
+    /// Waits until the unit has a main process, in whatever state (a containerd hanging at
+    /// start is `activating`), and returns its PID.
+    pub fn wait_for_main_pid(&self, timeout: Duration) -> Result<u32, SandboxError> {
+        process::poll(timeout, POLL_INTERVAL, || self.main_pid().ok().flatten()).ok_or_else(|| {
+            SandboxError::Timeout {
+                what: format!("{} to have a main process", self.unit),
+                waited: timeout,
+                details: self.diagnostics(),
+            }
+        })
     }
 
     /// Adds (or replaces) the unit file `name` and reloads the manager.
@@ -413,7 +497,7 @@ impl Sandbox {
             fs::write(path, contents)
                 .map_err(|err| SandboxError::io(format!("could not write {}", path.display()), err))
         };
-        write(&config, self.containerd_config())?;
+        write(&config, self.containerd_config(opts.cri))?;
         let exec_start = match daemon {
             Daemon::Containerd(containerd) => format!(
                 "\"{}\" --config \"{}\"",
@@ -432,13 +516,19 @@ impl Sandbox {
 
     /// A minimal containerd config that shares nothing with a host containerd or another
     /// sandbox. The ttrpc socket defaults to `<grpc address>.ttrpc`, inside the sandbox too.
-    fn containerd_config(&self) -> String {
+    /// The CRI plugin's streaming server listens on a port the kernel picks (its default).
+    fn containerd_config(&self, cri: bool) -> String {
         let path = |relative: &str| toml_string(&self.dir.join(relative).to_string_lossy());
+        let disabled = if cri {
+            ""
+        } else {
+            "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"
+        };
         format!(
             "version = 2\n\
              root = {root}\n\
              state = {state}\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             {disabled}\
              \n\
              [grpc]\n  address = {socket}\n\
              \n\
@@ -687,6 +777,10 @@ exec "$systemd" --user"#;
                 self.diagnostics()
             );
         }
+        // A frozen root would block containerd's stop (its threads in D state): thaw first.
+        if let Some(root) = &self.loop_root {
+            root.thaw();
+        }
         let mut exit = self.systemctl_command(&["exit"]);
         if let Some(manager) = self.manager.as_mut()
             && matches!(manager.try_wait(), Ok(None))
@@ -718,6 +812,9 @@ exec "$systemd" --user"#;
         }
         if let Some(cgroup) = self.cgroup.take() {
             cgroup.remove();
+        }
+        if let Some(mut root) = self.loop_root.take() {
+            root.remove();
         }
         if self.keep_dir {
             // Uncaptured by the test harness, like require's SKIPPED line.

@@ -88,6 +88,38 @@ fn assert_status_schema(doc: &Value) {
             "paused",
             "bus",
             "config_problem",
+            "layers",
+            "blocked_threads",
+        ],
+    );
+    assert_each(
+        doc,
+        "layers",
+        &doc["layers"],
+        &[
+            "layer",
+            "state",
+            "reason",
+            "period_ms",
+            "deadline_ms",
+            "last",
+        ],
+    );
+    assert_eq!(
+        doc["layers"].as_array().map(Vec::len),
+        Some(6),
+        "one entry per deeper layer: {doc}"
+    );
+    assert_keys(
+        doc,
+        "blocked_threads",
+        &doc["blocked_threads"],
+        &[
+            "source",
+            "interval_ms",
+            "threshold_ms",
+            "threads",
+            "pressure",
         ],
     );
     assert_keys(
@@ -202,7 +234,16 @@ fn assert_status_schema(doc: &Value) {
         doc,
         "verdicts",
         &doc["verdicts"],
-        &["at", "state", "pid", "detection_latency_ms", "evidence"],
+        &[
+            "at",
+            "state",
+            "pid",
+            "detection_latency_ms",
+            "evidence",
+            "layer",
+            "repeat",
+            "silent_tasks",
+        ],
     );
     for verdict in doc["verdicts"].as_array().unwrap() {
         assert_each(
@@ -356,36 +397,53 @@ fn parse_openmetrics(text: &str) -> BTreeMap<String, Family> {
     families
 }
 
-/// Buckets are cumulative and the `+Inf` bucket equals the count.
+/// Buckets are cumulative and the `+Inf` bucket equals the count, in each series of the
+/// histogram (a labelled histogram has one per label set).
 fn check_histogram(name: &str, family: &Family) {
-    let buckets: Vec<(f64, f64)> = family
+    let series_of = |labels: &BTreeMap<String, String>| {
+        let mut labels = labels.clone();
+        labels.remove("le");
+        labels
+    };
+    let series: BTreeSet<BTreeMap<String, String>> = family
         .samples
         .iter()
-        .filter(|(n, ..)| n.ends_with("_bucket"))
-        .map(|(_, labels, v)| {
-            let le = labels.get("le").expect("a bucket has le");
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().unwrap()
-            };
-            (le, *v)
-        })
+        .map(|(_, l, _)| series_of(l))
         .collect();
-    assert!(
-        buckets
-            .windows(2)
-            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
-        "{name}: {buckets:?}"
-    );
-    let count = family
-        .samples
-        .iter()
-        .find(|(n, ..)| n.ends_with("_count"))
-        .map(|s| s.2)
-        .expect("a histogram has a count");
-    assert_eq!(buckets.last().map(|b| b.0), Some(f64::INFINITY), "{name}");
-    assert_eq!(buckets.last().map(|b| b.1), Some(count), "{name}");
+    for key in series {
+        let buckets: Vec<(f64, f64)> = family
+            .samples
+            .iter()
+            .filter(|(n, l, _)| n.ends_with("_bucket") && series_of(l) == key)
+            .map(|(_, labels, v)| {
+                let le = labels.get("le").expect("a bucket has le");
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap()
+                };
+                (le, *v)
+            })
+            .collect();
+        assert!(
+            buckets
+                .windows(2)
+                .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+            "{name} {key:?}: {buckets:?}"
+        );
+        let count = family
+            .samples
+            .iter()
+            .find(|(n, l, _)| n.ends_with("_count") && *l == key)
+            .map(|s| s.2)
+            .expect("a histogram has a count");
+        assert_eq!(
+            buckets.last().map(|b| b.0),
+            Some(f64::INFINITY),
+            "{name} {key:?}"
+        );
+        assert_eq!(buckets.last().map(|b| b.1), Some(count), "{name} {key:?}");
+    }
 }
 
 /// The value of the sample `name` with exactly these labels.
@@ -444,6 +502,12 @@ fn metrics_parse_and_count_a_crash_restart() {
         ("containerd_observer_state", ("gauge", None)),
         ("containerd_observer_bus_connected", ("gauge", None)),
         ("containerd_observer_bus_reconnects", ("counter", None)),
+        (
+            "containerd_observer_layer_probe_latency_seconds",
+            ("histogram", Some("seconds")),
+        ),
+        ("containerd_observer_layer_probes", ("counter", None)),
+        ("containerd_observer_blocked_threads", ("gauge", None)),
         ("containerd_observer_build", ("info", None)),
     ]
     .into_iter()

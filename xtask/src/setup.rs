@@ -42,6 +42,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "openssl",
         "the stand-in API server's certificates in the container test",
     ),
+    (
+        "busybox-static",
+        "the only binary in the test containers' root filesystem",
+    ),
+    (
+        "e2fsprogs",
+        "mkfs.ext4, for the loop filesystem a test freezes under containerd",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13";

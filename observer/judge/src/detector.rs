@@ -37,9 +37,22 @@
 //! An episode's failures are counted, not copied: a verdict carries at most
 //! [`MAX_EVIDENCE`] pieces of evidence however long the outage, and a bad state is recorded
 //! once per episode, so an outage of hours costs no more memory than one of seconds.
+//!
+//! The deeper layers of the probe ladder ([`Layer`]) add, per layer:
+//! - `failures_to_hang` consecutive failures of one layer while containerd's threads run
+//!   make a hang that names the layer (`tasks`: a degraded containerd, see below);
+//! - containerd's threads in D state past `blocked_threshold`, alone or with a failing
+//!   layer, make a storage stall; while any of its threads is in D state, a failing layer is
+//!   not judged a hang (it may be the disk, which a restart cannot fix);
+//! - a task whose shim does not answer while `Tasks.List` does makes containerd degraded,
+//!   naming the container and the shim;
+//! - a `Version()` answer never clears a verdict of a deeper layer: only that layer
+//!   answering again (or a restart) does;
+//! - refused connections from a process that has never served its socket since it started
+//!   make a startup hang; each verdict counts how many came in a row ([`Verdict::repeat`]).
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
     time::{Duration, Instant},
 };
 
@@ -51,6 +64,7 @@ pub const MAX_EVIDENCE: usize = 4;
 pub const ACCEPT_RATE_WINDOW: Duration = Duration::from_secs(5);
 /// Most accept samples kept for the rate (the agent samples at most every 100 ms).
 const MAX_ACCEPT_SAMPLES: usize = 256;
+use crate::layer::{BlockedThread, Layer, Owner, SilentTask};
 
 /// Tunables of the detector.
 #[derive(Debug, Clone)]
@@ -71,6 +85,8 @@ pub struct DetectorConfig {
     /// it counts as hung: the kubelet reports the runtime down after 30 s without a
     /// successful `Status`.
     pub call_horizon: Duration,
+    /// How long containerd's threads may stay in D state before it is a storage stall.
+    pub blocked_threshold: Duration,
 }
 
 impl DetectorConfig {
@@ -91,6 +107,7 @@ impl Default for DetectorConfig {
             confirm_spacing: Duration::from_secs(1),
             overloaded_stall: Duration::from_secs(5),
             call_horizon: Duration::from_secs(30),
+            blocked_threshold: Duration::from_secs(2),
         }
     }
 }
@@ -157,6 +174,27 @@ pub enum Observation {
     /// The observer itself was not scheduled from `from` to `to` (a late tick, or a
     /// suspended machine): deadlines that expired across it are not containerd's doing.
     SchedulingGap { from: Instant, to: Instant },
+    /// A deeper layer of the probe ladder answered within its deadline, however slowly.
+    /// For `tasks`, the tasks whose shim did not answer containerd.
+    LayerAnswered {
+        layer: Layer,
+        latency: Duration,
+        silent_tasks: Vec<SilentTask>,
+    },
+    /// A deeper layer did not answer within its deadline, or failed.
+    LayerFailed {
+        layer: Layer,
+        started: Instant,
+        failure: ProbeFailure,
+        error: String,
+    },
+    /// The threads of containerd and its shims now in D state (none: empty), and the unit's
+    /// pressure as context.
+    Blocked {
+        threads: Vec<BlockedThread>,
+        context: String,
+        sensor: Source,
+    },
 }
 
 /// Where a piece of evidence came from.
@@ -173,6 +211,10 @@ pub enum Source {
     Probe,
     /// systemd's view of the unit.
     Systemd,
+    /// A deeper layer of the probe ladder.
+    Ladder,
+    /// `/proc/<pid>/task/*/stat` and `wchan`: threads in D state.
+    Procfs,
 }
 
 /// One fact behind a verdict.
@@ -202,6 +244,12 @@ pub enum State {
     Recovering,
     /// An operator stopped the unit: nothing is restarted until it runs again.
     Stopped,
+    /// containerd answers, but a shim does not (or `Tasks.List` as a whole hangs).
+    Degraded,
+    /// containerd waits on its storage (threads in D state, writes not taken).
+    StorageStalled,
+    /// containerd runs but has never served its socket since it started.
+    StartupHung,
 }
 
 /// A judgement worth recording: what was seen, when, and why.
@@ -214,6 +262,13 @@ pub struct Verdict {
     pub pid: Option<u32>,
     /// At most [`MAX_EVIDENCE`] entries.
     pub evidence: Vec<Evidence>,
+    /// The probe layer that failed, for verdicts of the ladder.
+    pub layer: Option<Layer>,
+    /// How many verdicts of this state came in a row, across restarts, without containerd
+    /// answering in between (1 for the first). Only startup hangs count; others say 1.
+    pub repeat: u32,
+    /// The tasks whose shims do not answer, for a degraded containerd.
+    pub silent_tasks: Vec<SilentTask>,
 }
 
 impl Verdict {
@@ -228,8 +283,9 @@ pub enum Decision {
     Wait,
     /// Probe containerd now to confirm a kernel suspicion.
     ProbeNow,
-    /// Restart containerd's unit because of this verdict.
-    Restart(Verdict),
+    /// Act on this verdict; [`crate::policy::decide`] says how (a restart, or a report when
+    /// a restart cannot help).
+    Act(Verdict),
 }
 
 /// How far containerd's accept loop got, for `/status` and the metrics.
@@ -307,6 +363,30 @@ pub struct Detector {
     new_verdicts: Vec<Verdict>,
     /// The verdict of the bad episode under way, handed out again while it lasts.
     episode: Option<Verdict>,
+    /// Consecutive failures of each deeper layer, oldest first.
+    layer_failures: BTreeMap<Layer, Vec<Evidence>>,
+    /// containerd's own threads now in D state.
+    blocked: Vec<BlockedThread>,
+    blocked_context: String,
+    blocked_sensor: Source,
+    /// Tasks whose shims did not answer at the last `Tasks.List`.
+    silent: Vec<SilentTask>,
+    /// The layer of the standing verdict, if a deeper layer made it.
+    verdict_layer: Option<Layer>,
+    /// Whether the current main process has answered a probe since it started.
+    answered_since_start: bool,
+    /// Startup hangs in a row without an answer in between.
+    startup_hangs: u32,
+    /// systemd is still starting the unit.
+    unit_starting: bool,
+    /// Refused probes while systemd kept starting the current process.
+    starting_refusals: u32,
+    /// The process the last startup hang was about: one verdict per process.
+    startup_hung_pid: Option<u32>,
+    /// A restart after a startup hang did not finish its start either.
+    retry_hung: bool,
+    /// The state a restart in flight was for.
+    restarting_from: Option<State>,
 }
 
 impl Detector {
@@ -330,6 +410,19 @@ impl Detector {
             listener_owned: false,
             new_verdicts: Vec::new(),
             episode: None,
+            layer_failures: BTreeMap::new(),
+            blocked: Vec::new(),
+            blocked_context: String::new(),
+            blocked_sensor: Source::Procfs,
+            silent: Vec::new(),
+            verdict_layer: None,
+            answered_since_start: false,
+            startup_hangs: 0,
+            unit_starting: false,
+            starting_refusals: 0,
+            startup_hung_pid: None,
+            retry_hung: false,
+            restarting_from: None,
         }
     }
 
@@ -353,6 +446,31 @@ impl Detector {
         !self.answered
             && self.failed_probes() >= self.config.failures_to_hang
             && !self.restart_in_flight
+            && !self.startup_evidence()
+    }
+
+    /// Tells the detector whether systemd is still starting the unit (`activating`, its
+    /// start job not finished): for a notify unit, containerd has not said it is ready.
+    pub fn set_unit_starting(&mut self, starting: bool) {
+        if !starting {
+            self.starting_refusals = 0;
+        }
+        self.unit_starting = starting;
+    }
+
+    /// Whether containerd hangs at start, with evidence that ties this to its process and
+    /// not to the observer's `--socket` or to a crash loop: `failures_to_hang` refusals in a
+    /// row while systemd kept waiting for this process to finish starting (a notify unit
+    /// that never said it is ready), or a restart after a startup hang whose start did not
+    /// finish either. One verdict per process.
+    fn startup_evidence(&self) -> bool {
+        if self.answered_since_start {
+            return false;
+        }
+        let starting = self.starting_refusals >= self.config.failures_to_hang
+            && self.main_pid.is_some()
+            && self.main_pid != self.startup_hung_pid;
+        starting || self.retry_hung
     }
 
     pub fn state(&self) -> State {
@@ -361,6 +479,10 @@ impl Detector {
 
     /// Tells the detector which PID is containerd's main process now (from systemd).
     pub fn set_main_pid(&mut self, pid: Option<u32>) {
+        if pid != self.main_pid {
+            self.answered_since_start = false;
+            self.starting_refusals = 0;
+        }
         self.main_pid = pid;
     }
 
@@ -406,10 +528,14 @@ impl Detector {
                     detail,
                 };
                 self.answered = true;
+                self.answered_since_start = true;
+                self.startup_hangs = 0;
+                self.retry_hung = false;
+                self.startup_hung_pid = None;
                 match channel {
                     ProbeChannel::Fresh => {
                         self.failures = None;
-                        if self.restart_in_flight {
+                        if self.restart_in_flight || self.deep_verdict_stands() {
                             return Decision::Wait;
                         }
                         if self.queue_moving_behind {
@@ -428,6 +554,7 @@ impl Detector {
                         self.open_failing = None;
                         if self.restart_in_flight
                             || matches!(self.state, State::Crashed | State::Stopped)
+                            || self.deep_verdict_stands()
                         {
                             return Decision::Wait;
                         }
@@ -494,7 +621,7 @@ impl Detector {
                     detail,
                 };
                 let verdict = self.record(now, State::Crashed, at, vec![evidence]);
-                Decision::Restart(verdict)
+                Decision::Act(verdict)
             }
             Observation::Pending {
                 count,
@@ -525,14 +652,41 @@ impl Detector {
                 Decision::Wait
             }
             Observation::RestartStarted => {
+                self.restarting_from = Some(self.state);
                 self.restart_in_flight = true;
                 self.forget_episode();
+                self.layer_failures.clear();
+                self.silent.clear();
+                self.verdict_layer = None;
                 self.state = State::Recovering;
                 Decision::Wait
             }
+            Observation::LayerAnswered {
+                layer,
+                latency,
+                silent_tasks,
+            } => self.on_layer_answered(now, layer, latency, silent_tasks),
+            Observation::LayerFailed {
+                layer,
+                started,
+                failure,
+                error,
+            } => self.on_layer_failed(now, layer, started, failure, error),
+            Observation::Blocked {
+                threads,
+                context,
+                sensor,
+            } => self.on_blocked(now, threads, context, sensor),
             Observation::RestartFinished { ok } => {
                 self.restart_in_flight = false;
-                if !ok {
+                let from = self.restarting_from.take();
+                if !ok && from == Some(State::StartupHung) {
+                    // The restart's own start never finished (systemd's start timeout, for
+                    // a notify unit): it hung the same way. The next refusals count again.
+                    self.state = State::StartupHung;
+                    self.answered_since_start = false;
+                    self.retry_hung = true;
+                } else if !ok {
                     // The next failed probes will judge again.
                     self.state = State::Suspect;
                 }
@@ -563,7 +717,16 @@ impl Detector {
                 });
             }
         }
-        if self.restart_in_flight || matches!(self.state, State::Crashed | State::Stopped) {
+        if failure == ProbeFailure::Refused && self.unit_starting {
+            self.starting_refusals += 1;
+        }
+        if self.restart_in_flight
+            || matches!(self.state, State::Crashed | State::Stopped)
+            // A storage stall can block Version() too; a restart would not help.
+            || self.state == State::StorageStalled
+            // Reported: restarting a process that hangs at start does not help.
+            || (self.state == State::StartupHung && self.startup_hangs >= 2)
+        {
             return Decision::Wait;
         }
         if failure != ProbeFailure::Refused {
@@ -597,9 +760,11 @@ impl Detector {
                 return self.hang_past_horizon(now);
             }
         }
+        let startup_hang = failure == ProbeFailure::Refused && self.startup_evidence();
         let failures = self.failures.as_ref().expect("just counted");
         let first = failures.first.at;
-        if failures.unexplained < self.config.failures_to_hang || !self.answered {
+        if failures.unexplained < self.config.failures_to_hang || (!self.answered && !startup_hang)
+        {
             // An overload stays one until the failures without progress make a hang.
             if !matches!(self.state, State::Suspect | State::Overloaded) {
                 let evidence = failures.evidence();
@@ -607,20 +772,65 @@ impl Detector {
             }
             return Decision::Wait;
         }
-        let state = if failure == ProbeFailure::Refused {
-            State::Unreachable
-        } else {
-            State::Hung
+        let state = match failure {
+            ProbeFailure::Refused if startup_hang => State::StartupHung,
+            ProbeFailure::Refused => State::Unreachable,
+            _ => State::Hung,
         };
         let evidence = failures.evidence();
+        if state == State::StartupHung {
+            return self.judge_startup_hang(now, first, evidence);
+        }
         self.judge_bad(now, state, first, evidence)
+    }
+
+    /// A startup hang: counted across restarts, with systemd's side of it as evidence.
+    fn judge_startup_hang(
+        &mut self,
+        now: Instant,
+        first: Instant,
+        mut evidence: Vec<Evidence>,
+    ) -> Decision {
+        self.startup_hangs += 1;
+        self.startup_hung_pid = self.main_pid;
+        self.retry_hung = false;
+        // Keep room for systemd's evidence within the verdict's bound.
+        evidence.truncate(MAX_EVIDENCE - 1);
+        evidence.push(Evidence {
+            source: Source::Systemd,
+            at: now,
+            detail: match self.main_pid {
+                Some(pid) => format!(
+                    "process {pid} runs but has not served its socket since it started, and systemd still waits for it to be ready ({} start(s) in a row)",
+                    self.startup_hangs
+                ),
+                None => format!(
+                    "the restart's start did not finish either: systemd gave up waiting for containerd to be ready ({} start(s) in a row)",
+                    self.startup_hangs
+                ),
+            },
+        });
+        let mut verdict = self.record(now, State::StartupHung, first, evidence);
+        verdict.repeat = self.startup_hangs;
+        if let Some(last) = self.new_verdicts.last_mut() {
+            last.repeat = self.startup_hangs;
+        }
+        if let Some(episode) = &mut self.episode {
+            episode.repeat = self.startup_hangs;
+        }
+        Decision::Act(verdict)
     }
 
     fn on_open_failure(&mut self, now: Instant, evidence: Evidence) -> Decision {
         if self.open_failing.is_none() {
             self.open_failing = Some(evidence);
         }
-        if self.restart_in_flight || matches!(self.state, State::Crashed | State::Stopped) {
+        if self.restart_in_flight
+            || matches!(
+                self.state,
+                State::Crashed | State::Stopped | State::StorageStalled
+            )
+        {
             return Decision::Wait;
         }
         self.hang_past_horizon(now)
@@ -807,9 +1017,9 @@ impl Detector {
         if self.state == state
             && let Some(verdict) = &self.episode
         {
-            return Decision::Restart(verdict.clone());
+            return Decision::Act(verdict.clone());
         }
-        Decision::Restart(self.record(now, state, first, evidence))
+        Decision::Act(self.record(now, state, first, evidence))
     }
 
     /// Forgets what the episode saw: a restart or a stop starts afresh.
@@ -828,20 +1038,243 @@ impl Detector {
         now: Instant,
         state: State,
         first_sign: Instant,
+        evidence: Vec<Evidence>,
+    ) -> Verdict {
+        self.record_layer(now, state, first_sign, evidence, None)
+    }
+
+    fn record_layer(
+        &mut self,
+        now: Instant,
+        state: State,
+        first_sign: Instant,
         mut evidence: Vec<Evidence>,
+        layer: Option<Layer>,
     ) -> Verdict {
         evidence.truncate(MAX_EVIDENCE);
         self.state = state;
+        self.verdict_layer = layer;
         let verdict = Verdict {
             state,
             at: now,
             first_sign,
             pid: self.main_pid,
             evidence,
+            layer,
+            repeat: 1,
+            silent_tasks: if state == State::Degraded {
+                self.silent.clone()
+            } else {
+                Vec::new()
+            },
         };
         self.episode = Some(verdict.clone());
         self.new_verdicts.push(verdict.clone());
         verdict
+    }
+
+    fn on_layer_answered(
+        &mut self,
+        now: Instant,
+        layer: Layer,
+        latency: Duration,
+        silent_tasks: Vec<SilentTask>,
+    ) -> Decision {
+        self.layer_failures.remove(&layer);
+        let answered = format!(
+            "{} answered in {:.1} ms",
+            layer.call(),
+            latency.as_secs_f64() * 1e3
+        );
+        if layer == Layer::Tasks {
+            let changed = silent_tasks != self.silent;
+            self.silent = silent_tasks;
+            if !self.silent.is_empty()
+                && (changed || self.state != State::Degraded)
+                && self.may_judge_deep()
+                && self.state != State::StorageStalled
+            {
+                let names: Vec<String> = self.silent.iter().map(ToString::to_string).collect();
+                let evidence = Evidence {
+                    source: Source::Ladder,
+                    at: now,
+                    detail: format!(
+                        "{answered}, but the shim did not answer containerd for {}: containerd reported the task UNKNOWN",
+                        names.join(", ")
+                    ),
+                };
+                let verdict =
+                    self.record_layer(now, State::Degraded, now, vec![evidence], Some(layer));
+                return Decision::Act(verdict);
+            }
+        }
+        self.recover_if_clear(now, format!("{answered}; every deeper layer answers again"));
+        Decision::Wait
+    }
+
+    fn on_layer_failed(
+        &mut self,
+        now: Instant,
+        layer: Layer,
+        started: Instant,
+        failure: ProbeFailure,
+        error: String,
+    ) -> Decision {
+        // Nobody listening is the Version() probe's to judge.
+        if failure == ProbeFailure::Refused {
+            return Decision::Wait;
+        }
+        let failures = self.layer_failures.entry(layer).or_default();
+        failures.push(Evidence {
+            source: Source::Ladder,
+            at: started,
+            detail: format!(
+                "{} failed ({}): {error}",
+                layer.call(),
+                failure_name(failure)
+            ),
+        });
+        let count = failures.len() as u32;
+        if count < self.config.failures_to_hang || !self.may_judge_deep() {
+            return Decision::Wait;
+        }
+        let mut evidence = self.layer_failures[&layer].clone();
+        let first = evidence[0].at;
+        if let Some(blocked) = self.blocked_evidence(now) {
+            if self.state == State::StorageStalled {
+                return Decision::Wait;
+            }
+            evidence.insert(0, blocked);
+            let first = evidence.iter().map(|e| e.at).min().unwrap_or(first);
+            let verdict =
+                self.record_layer(now, State::StorageStalled, first, evidence, Some(layer));
+            return Decision::Act(verdict);
+        }
+        if !self.blocked.is_empty() {
+            // Threads in D state, not yet for long: the disk may be behind. Judge once they
+            // have been blocked past the threshold, or have run again.
+            return Decision::Wait;
+        }
+        let state = if layer == Layer::Tasks {
+            State::Degraded
+        } else {
+            State::Hung
+        };
+        if self.state == state && self.verdict_layer == Some(layer) {
+            return Decision::Wait;
+        }
+        let verdict = self.record_layer(now, state, first, evidence, Some(layer));
+        Decision::Act(verdict)
+    }
+
+    fn on_blocked(
+        &mut self,
+        now: Instant,
+        threads: Vec<BlockedThread>,
+        context: String,
+        sensor: Source,
+    ) -> Decision {
+        self.blocked = threads
+            .into_iter()
+            .filter(|t| t.owner == Owner::Containerd)
+            .collect();
+        self.blocked_context = context;
+        self.blocked_sensor = sensor;
+        let Some(blocked) = self.blocked_evidence(now) else {
+            self.recover_if_clear(
+                now,
+                "no containerd thread is in D state any more, and every deeper layer answers"
+                    .into(),
+            );
+            return Decision::Wait;
+        };
+        if self.state == State::StorageStalled || !self.may_judge_deep() {
+            return Decision::Wait;
+        }
+        let mut evidence = vec![blocked];
+        evidence.extend(self.layer_failures.values().flatten().cloned());
+        let first = evidence.iter().map(|e| e.at).min().unwrap_or(now);
+        let layer = self
+            .layer_failures
+            .iter()
+            .find(|(_, f)| !f.is_empty())
+            .map(|(l, _)| *l);
+        let verdict = self.record_layer(now, State::StorageStalled, first, evidence, layer);
+        Decision::Act(verdict)
+    }
+
+    /// Whether the standing verdict came from a deeper layer (or the kernel's view of
+    /// blocked threads), which a `Version()` answer cannot clear.
+    fn deep_verdict_stands(&self) -> bool {
+        matches!(self.state, State::Degraded | State::StorageStalled)
+            || (self.state == State::Hung && self.verdict_layer.is_some())
+    }
+
+    /// Whether nothing deeper is wrong any more: no layer failing, no thread blocked past
+    /// the threshold, no silent shim.
+    fn deep_layers_clear(&self) -> bool {
+        self.layer_failures.values().all(Vec::is_empty)
+            && self.blocked_past_threshold().is_empty()
+            && self.silent.is_empty()
+    }
+
+    fn blocked_past_threshold(&self) -> Vec<&BlockedThread> {
+        self.blocked
+            .iter()
+            .filter(|t| t.blocked_for >= self.config.blocked_threshold)
+            .collect()
+    }
+
+    /// Whether verdicts may be made now: not during a restart, nor about a containerd that
+    /// crashed, was stopped, or is reported hanging at start.
+    fn may_judge_deep(&self) -> bool {
+        !self.restart_in_flight
+            && !matches!(
+                self.state,
+                State::Crashed
+                    | State::Stopped
+                    | State::Recovering
+                    | State::Starting
+                    | State::Unreachable
+                    | State::StartupHung
+            )
+            && (self.state != State::Hung || self.verdict_layer.is_some())
+    }
+
+    /// A deep verdict clears once everything deeper answers again.
+    fn recover_if_clear(&mut self, now: Instant, detail: String) {
+        if self.deep_verdict_stands() && self.deep_layers_clear() && !self.restart_in_flight {
+            let evidence = Evidence {
+                source: Source::Ladder,
+                at: now,
+                detail,
+            };
+            self.record(now, State::Healthy, now, vec![evidence]);
+        }
+    }
+
+    fn blocked_evidence(&self, now: Instant) -> Option<Evidence> {
+        let past = self.blocked_past_threshold();
+        let longest = past.iter().map(|t| t.blocked_for).max()?;
+        let shown: Vec<String> = past.iter().take(3).map(ToString::to_string).collect();
+        let more = past.len().saturating_sub(3);
+        let mut detail = format!(
+            "{} containerd thread(s) in D state past {:.1} s: {}",
+            past.len(),
+            self.config.blocked_threshold.as_secs_f64(),
+            shown.join("; ")
+        );
+        if more > 0 {
+            detail.push_str(&format!("; and {more} more"));
+        }
+        if !self.blocked_context.is_empty() {
+            detail.push_str(&format!(" ({})", self.blocked_context));
+        }
+        Some(Evidence {
+            source: self.blocked_sensor,
+            at: now.checked_sub(longest).unwrap_or(now),
+            detail,
+        })
     }
 }
 
@@ -907,7 +1340,7 @@ mod tests {
     fn exit_of_main_process_is_a_crash_at_once() {
         let t0 = Instant::now();
         let mut d = healthy_detector(t0);
-        let Decision::Restart(v) = d.observe(t0 + ms(1001), exit(100, t0 + ms(1000))) else {
+        let Decision::Act(v) = d.observe(t0 + ms(1001), exit(100, t0 + ms(1000))) else {
             panic!("expected a restart");
         };
         assert_eq!(v.state, State::Crashed);
@@ -920,7 +1353,7 @@ mod tests {
     fn duplicate_exit_does_not_restart_twice() {
         let t0 = Instant::now();
         let mut d = healthy_detector(t0);
-        assert!(matches!(d.observe(t0, exit(100, t0)), Decision::Restart(_)));
+        assert!(matches!(d.observe(t0, exit(100, t0)), Decision::Act(_)));
         assert_eq!(d.observe(t0 + ms(1), exit(100, t0)), Decision::Wait);
     }
 
@@ -958,7 +1391,7 @@ mod tests {
             ),
             Decision::Wait
         );
-        let Decision::Restart(v) = d.observe(
+        let Decision::Act(v) = d.observe(
             t0 + step * 2 + ms(1000),
             failed(t0 + step * 2, ProbeFailure::Timeout),
         ) else {
@@ -976,7 +1409,7 @@ mod tests {
         for i in 0..2 {
             d.observe(t0 + ms(i), failed(t0 + ms(i), ProbeFailure::Refused));
         }
-        let Decision::Restart(v) = d.observe(t0 + ms(3), failed(t0 + ms(3), ProbeFailure::Refused))
+        let Decision::Act(v) = d.observe(t0 + ms(3), failed(t0 + ms(3), ProbeFailure::Refused))
         else {
             panic!("expected a restart");
         };
@@ -1027,7 +1460,7 @@ mod tests {
             let t = t0 + ms(i);
             decision = d.observe(t, failed(t, ProbeFailure::Refused));
         }
-        assert!(matches!(decision, Decision::Restart(_)));
+        assert!(matches!(decision, Decision::Act(_)));
     }
     fn pending(age_ms: Option<u64>) -> Observation {
         Observation::Pending {
@@ -1075,11 +1508,11 @@ mod tests {
         for age in (600..=1400).step_by(100) {
             assert!(!matches!(
                 d.observe(t0 + ms(age), pending(Some(age))),
-                Decision::Restart(_)
+                Decision::Act(_)
             ));
         }
         assert_eq!(d.state(), State::Suspect);
-        let Decision::Restart(v) =
+        let Decision::Act(v) =
             d.observe(t0 + ms(1500), failed(t0 + ms(500), ProbeFailure::Timeout))
         else {
             panic!("expected a restart");
@@ -1109,7 +1542,7 @@ mod tests {
         let t0 = Instant::now();
         let mut d = healthy_detector(t0);
         d.observe(t0 + ms(1200), pending(Some(1000)));
-        let Decision::Restart(v) =
+        let Decision::Act(v) =
             d.observe(t0 + ms(2200), failed(t0 + ms(1200), ProbeFailure::Timeout))
         else {
             panic!("expected a restart");
@@ -1129,7 +1562,7 @@ mod tests {
             let t = t0 + ms(i * 500);
             // The queue looks stalled, but every confirming probe answers, slowly.
             let decision = d.observe(t, pending(Some(1500)));
-            assert!(!matches!(decision, Decision::Restart(_)));
+            assert!(!matches!(decision, Decision::Act(_)));
             let decision = d.observe(
                 t,
                 Observation::ProbeSucceeded {
@@ -1229,7 +1662,7 @@ mod tests {
             } else {
                 d.observe(t, failed(t, ProbeFailure::Timeout))
             };
-            assert!(!matches!(decision, Decision::Restart(_)), "restart at {i}");
+            assert!(!matches!(decision, Decision::Act(_)), "restart at {i}");
         }
     }
 
@@ -1281,10 +1714,10 @@ mod tests {
             while let Some(&left) = out.first().filter(|left| t >= **left + ms(1000)) {
                 out.remove(0);
                 let failure = d.observe(t, failed(left, ProbeFailure::Timeout));
-                assert!(!matches!(failure, Decision::Restart(_)), "restart at {i}");
+                assert!(!matches!(failure, Decision::Act(_)), "restart at {i}");
             }
             let decision = d.observe(t, sample(4097, 1138, 350));
-            assert!(!matches!(decision, Decision::Restart(_)), "restart at {i}");
+            assert!(!matches!(decision, Decision::Act(_)), "restart at {i}");
             if decision == Decision::ProbeNow {
                 out.push(t);
             }
@@ -1315,7 +1748,7 @@ mod tests {
             d.observe(t, sample(900, 1500, 20));
             if i % 10 == 0 {
                 // Every second a call on the open connection times out: the handlers are dead.
-                if let Decision::Restart(v) = d.observe(t + ms(1000), open_failed(t)) {
+                if let Decision::Act(v) = d.observe(t + ms(1000), open_failed(t)) {
                     restarted = Some((t + ms(1000), v));
                     break;
                 }
@@ -1358,7 +1791,7 @@ mod tests {
             }
         }
         let left = probe_left.expect("a confirming probe");
-        let Decision::Restart(v) = d.observe(left + ms(1000), failed(left, ProbeFailure::Timeout))
+        let Decision::Act(v) = d.observe(left + ms(1000), failed(left, ProbeFailure::Timeout))
         else {
             panic!("expected a restart");
         };
@@ -1389,7 +1822,7 @@ mod tests {
         d.observe(t0 + ms(1200), pending(Some(1100)));
         d.observe(t0 + ms(1250), open_ok(1200));
         let decision = d.observe(t0 + ms(2200), failed(t0 + ms(1200), ProbeFailure::Timeout));
-        assert!(matches!(decision, Decision::Restart(_)));
+        assert!(matches!(decision, Decision::Act(_)));
     }
 
     #[test]
@@ -1410,11 +1843,11 @@ mod tests {
             let t = t0 + ms(i * 2000);
             d.observe(t + ms(1000), open_failed(t));
             decision = d.observe(t + ms(1000), failed(t, ProbeFailure::Timeout));
-            if matches!(decision, Decision::Restart(_)) {
+            if matches!(decision, Decision::Act(_)) {
                 break;
             }
         }
-        assert!(matches!(decision, Decision::Restart(ref v) if v.state == State::Hung));
+        assert!(matches!(decision, Decision::Act(ref v) if v.state == State::Hung));
     }
 
     fn gap(from: Instant, to: Instant) -> Observation {
@@ -1473,7 +1906,7 @@ mod tests {
         }
         let left = probe.expect("a confirming probe after the gap");
         assert!(left >= end + ms(500));
-        let Decision::Restart(v) = d.observe(left + ms(1000), failed(left, ProbeFailure::Timeout))
+        let Decision::Act(v) = d.observe(left + ms(1000), failed(left, ProbeFailure::Timeout))
         else {
             panic!("a freeze after the gap is a hang");
         };
@@ -1496,7 +1929,7 @@ mod tests {
             );
             assert!(!matches!(
                 d.observe(to + ms(2), pending(Some(4000))),
-                Decision::Restart(_)
+                Decision::Act(_)
             ));
             d.observe(to + ms(10), ok());
         }
@@ -1516,8 +1949,7 @@ mod tests {
             for _ in 0..10 {
                 d.observe(t, pending(Some(5000 + i * 2000)));
             }
-            if let Decision::Restart(v) = d.observe(t + ms(1000), failed(t, ProbeFailure::Timeout))
-            {
+            if let Decision::Act(v) = d.observe(t + ms(1000), failed(t, ProbeFailure::Timeout)) {
                 largest = largest.max(v.evidence.len());
             }
             d.observe(t + ms(1000), open_failed(t));
@@ -1605,7 +2037,7 @@ mod tests {
                 let t = t0 + ms(60_000 + i * 2000);
                 decision = d.observe(t, failed(t, failure));
             }
-            assert!(matches!(decision, Decision::Restart(_)), "{failure:?}");
+            assert!(matches!(decision, Decision::Act(_)), "{failure:?}");
         }
     }
 
@@ -1616,7 +2048,7 @@ mod tests {
         for i in 0..5u64 {
             d.observe(t0 + ms(i), failed(t0 + ms(i), ProbeFailure::Refused));
         }
-        let Decision::Restart(v) = d.observe(t0 + ms(10), exit(100, t0 + ms(9))) else {
+        let Decision::Act(v) = d.observe(t0 + ms(10), exit(100, t0 + ms(9))) else {
             panic!("an exit of the main process is evidence tied to the process");
         };
         assert_eq!(v.state, State::Crashed);
@@ -1638,7 +2070,7 @@ mod tests {
         d.set_listener_owned(true);
         d.observe(t0, pending(Some(500)));
         d.observe(t0 + ms(600), pending(Some(1100)));
-        let Decision::Restart(v) =
+        let Decision::Act(v) =
             d.observe(t0 + ms(1500), failed(t0 + ms(500), ProbeFailure::Timeout))
         else {
             panic!("a stall on containerd's own listener is evidence tied to the process");
@@ -1658,7 +2090,7 @@ mod tests {
             d.observe(t0 + ms(1000), pending(Some(1000))),
             Decision::ProbeNow
         );
-        let Decision::Restart(v) =
+        let Decision::Act(v) =
             d.observe(t0 + ms(2000), failed(t0 + ms(1000), ProbeFailure::Timeout))
         else {
             panic!("a frozen containerd is hung");
@@ -1683,7 +2115,7 @@ mod tests {
             );
         }
         let decision = d.observe(t0 + ms(1600), failed(t0 + ms(600), ProbeFailure::Timeout));
-        assert!(!matches!(decision, Decision::Restart(_)));
+        assert!(!matches!(decision, Decision::Act(_)));
         assert_eq!(d.state(), State::Overloaded);
         // It stays silent: a stall, and the next failed probe is a hang.
         for step in 16..=60u64 {
@@ -1693,11 +2125,340 @@ mod tests {
             );
         }
         assert_eq!(d.state(), State::Suspect);
-        let Decision::Restart(v) =
+        let Decision::Act(v) =
             d.observe(t0 + ms(7000), failed(t0 + ms(6000), ProbeFailure::Timeout))
         else {
             panic!("silent for 5 s: hung");
         };
         assert_eq!(v.state, State::Hung);
+    }
+
+    fn layer_failed(layer: Layer, started: Instant) -> Observation {
+        Observation::LayerFailed {
+            layer,
+            started,
+            failure: ProbeFailure::Timeout,
+            error: "no answer within 3s".into(),
+        }
+    }
+
+    fn layer_ok(layer: Layer, latency: Duration) -> Observation {
+        Observation::LayerAnswered {
+            layer,
+            latency,
+            silent_tasks: Vec::new(),
+        }
+    }
+
+    fn blocked(for_ms: u64) -> Observation {
+        let threads = if for_ms == 0 {
+            Vec::new()
+        } else {
+            vec![BlockedThread {
+                owner: Owner::Containerd,
+                pid: 100,
+                tid: 105,
+                wchan: "percpu_rwsem_wait".into(),
+                blocked_for: ms(for_ms),
+            }]
+        };
+        Observation::Blocked {
+            threads,
+            context: "io pressure some avg10=12.00".into(),
+            sensor: Source::Procfs,
+        }
+    }
+
+    /// Feeds `failures_to_hang` (3) failures of `layer`, one a second from `t`; returns the
+    /// last decision.
+    fn fail_layer(d: &mut Detector, layer: Layer, t: Instant) -> Decision {
+        let mut last = Decision::Wait;
+        for i in 0..3 {
+            let at = t + ms(1000 * i);
+            last = d.observe(at + ms(3000), layer_failed(layer, at));
+        }
+        last
+    }
+
+    #[test]
+    fn a_hung_layer_while_threads_run_is_a_hang_naming_the_layer() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        // Two failures are not enough; Version keeps answering meanwhile.
+        assert_eq!(
+            d.observe(t0 + ms(3000), layer_failed(Layer::Snapshots, t0)),
+            Decision::Wait
+        );
+        assert_eq!(d.observe(t0 + ms(3100), ok()), Decision::Wait);
+        assert_eq!(d.state(), State::Healthy);
+        assert_eq!(d.observe(t0 + ms(3200), blocked(0)), Decision::Wait);
+        assert_eq!(
+            d.observe(t0 + ms(4000), layer_failed(Layer::Snapshots, t0 + ms(1000))),
+            Decision::Wait
+        );
+        let Decision::Act(v) =
+            d.observe(t0 + ms(5000), layer_failed(Layer::Snapshots, t0 + ms(2000)))
+        else {
+            panic!("expected a verdict to act on");
+        };
+        assert_eq!((v.state, v.layer), (State::Hung, Some(Layer::Snapshots)));
+        assert!(
+            v.evidence
+                .iter()
+                .all(|e| e.source == Source::Ladder && e.detail.contains("Snapshots.Remove")),
+            "{:?}",
+            v.evidence
+        );
+        // A Version() answer does not clear it; the layer answering does.
+        assert_eq!(d.observe(t0 + ms(9000), ok()), Decision::Wait);
+        assert_eq!(d.state(), State::Hung);
+        d.observe(t0 + ms(9500), layer_ok(Layer::Snapshots, ms(20)));
+        assert_eq!(d.state(), State::Healthy);
+    }
+
+    #[test]
+    fn a_layer_that_answers_slowly_within_its_deadline_is_healthy() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        for i in 0..20 {
+            let decision = d.observe(t0 + ms(5000 * i), layer_ok(Layer::MetadataWrite, ms(2900)));
+            assert_eq!(decision, Decision::Wait);
+        }
+        assert_eq!(d.state(), State::Healthy);
+        assert!(d.take_verdicts().is_empty());
+    }
+
+    #[test]
+    fn a_refused_deep_layer_is_left_to_the_version_probe() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        for i in 0..5 {
+            let observation = Observation::LayerFailed {
+                layer: Layer::Cri,
+                started: t0 + ms(i),
+                failure: ProbeFailure::Refused,
+                error: "refused".into(),
+            };
+            assert_eq!(d.observe(t0 + ms(i), observation), Decision::Wait);
+        }
+        assert_eq!(d.state(), State::Healthy);
+    }
+
+    #[test]
+    fn blocked_threads_make_a_storage_stall_that_clears_and_then_acts_normally() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        // A write failing while a thread is in D state, not yet for long: no hang.
+        assert_eq!(d.observe(t0 + ms(500), blocked(500)), Decision::Wait);
+        assert_eq!(
+            fail_layer(&mut d, Layer::MetadataWrite, t0),
+            Decision::Wait,
+            "a failing write while containerd waits on the disk is not a hang"
+        );
+        assert_eq!(d.state(), State::Healthy);
+        let Decision::Act(v) = d.observe(t0 + ms(6000), blocked(2500)) else {
+            panic!("expected a storage stall");
+        };
+        assert_eq!(v.state, State::StorageStalled);
+        assert_eq!(v.layer, Some(Layer::MetadataWrite));
+        assert_eq!(v.evidence[0].source, Source::Procfs);
+        assert!(
+            v.evidence[0].detail.contains("percpu_rwsem_wait"),
+            "{:?}",
+            v.evidence
+        );
+        assert!(
+            v.evidence[0].detail.contains("io pressure"),
+            "{:?}",
+            v.evidence
+        );
+        assert!(v.evidence.iter().any(|e| e.detail.contains("lease")));
+        // While it stands: more failures, Version timeouts, answers: nothing new.
+        assert_eq!(
+            fail_layer(&mut d, Layer::MetadataWrite, t0 + ms(7000)),
+            Decision::Wait
+        );
+        for i in 0..4 {
+            let at = t0 + ms(10_000 + 2000 * i);
+            assert_eq!(
+                d.observe(at + ms(1000), failed(at, ProbeFailure::Timeout)),
+                Decision::Wait
+            );
+        }
+        assert_eq!(d.observe(t0 + ms(19_000), ok()), Decision::Wait);
+        assert_eq!(d.observe(t0 + ms(19_500), blocked(9000)), Decision::Wait);
+        assert_eq!(d.state(), State::StorageStalled);
+        // The thaw: threads run, then the write answers.
+        d.observe(t0 + ms(20_000), blocked(0));
+        assert_eq!(
+            d.state(),
+            State::StorageStalled,
+            "the write has not answered yet"
+        );
+        d.observe(t0 + ms(20_100), layer_ok(Layer::MetadataWrite, ms(40)));
+        assert_eq!(d.state(), State::Healthy);
+        // Normal again: a crash is acted on.
+        let Decision::Act(v) = d.observe(t0 + ms(21_000), exit(100, t0 + ms(21_000))) else {
+            panic!("expected a crash");
+        };
+        assert_eq!(v.state, State::Crashed);
+    }
+
+    #[test]
+    fn a_silent_shim_degrades_containerd_naming_the_container_and_the_shim() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        let silent = vec![SilentTask {
+            id: "web".into(),
+            shim_pid: Some(4242),
+        }];
+        let answered = Observation::LayerAnswered {
+            layer: Layer::Tasks,
+            latency: ms(2010),
+            silent_tasks: silent.clone(),
+        };
+        let Decision::Act(v) = d.observe(t0 + ms(2000), answered.clone()) else {
+            panic!("expected a degraded verdict");
+        };
+        assert_eq!((v.state, v.layer), (State::Degraded, Some(Layer::Tasks)));
+        assert_eq!(v.silent_tasks, silent);
+        assert!(
+            v.evidence[0]
+                .detail
+                .contains("container web (shim pid 4242)"),
+            "{:?}",
+            v.evidence
+        );
+        // The same silence again is nothing new; Version answering does not clear it.
+        assert_eq!(d.observe(t0 + ms(12_000), answered), Decision::Wait);
+        assert_eq!(d.observe(t0 + ms(12_100), ok()), Decision::Wait);
+        assert_eq!(d.state(), State::Degraded);
+        d.observe(t0 + ms(22_000), layer_ok(Layer::Tasks, ms(3)));
+        assert_eq!(d.state(), State::Healthy);
+    }
+
+    #[test]
+    fn a_restart_whose_start_never_finishes_counts_as_the_same_startup_hang() {
+        let t0 = Instant::now();
+        let mut d = Detector::new(DetectorConfig::default());
+        d.set_main_pid(Some(100));
+        d.set_unit_starting(true);
+        for i in 0..3 {
+            let at = t0 + ms(2000 * i);
+            d.observe(at, failed(at, ProbeFailure::Refused));
+        }
+        assert_eq!(d.state(), State::StartupHung);
+        d.observe(t0 + ms(5000), Observation::RestartStarted);
+        // systemd's start timeout ends the restart job; the unit is left without a process.
+        d.observe(t0 + ms(25_000), Observation::RestartFinished { ok: false });
+        d.set_main_pid(None);
+        d.set_unit_starting(false);
+        assert_eq!(d.state(), State::StartupHung);
+        let mut last = Decision::Wait;
+        for i in 0..3 {
+            let at = t0 + ms(26_000 + 2000 * i);
+            last = d.observe(at, failed(at, ProbeFailure::Refused));
+        }
+        let Decision::Act(v) = last else {
+            panic!("expected the second startup hang");
+        };
+        assert_eq!((v.state, v.repeat), (State::StartupHung, 2));
+    }
+
+    #[test]
+    fn a_crash_loop_is_not_a_startup_hang() {
+        // Each start exits at once (a broken config): systemd is starting it only briefly,
+        // between the refusals, and every process is new.
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        for i in 0..12u32 {
+            let at = t0 + ms(500 * u64::from(i));
+            d.set_main_pid(Some(200 + i));
+            d.set_unit_starting(true);
+            d.set_unit_starting(false);
+            d.set_main_pid(None);
+            if let Decision::Act(v) = d.observe(at, failed(at, ProbeFailure::Refused)) {
+                assert_ne!(v.state, State::StartupHung, "{v:?}");
+                d.observe(at, Observation::RestartStarted);
+                d.observe(at, Observation::RestartFinished { ok: false });
+            }
+        }
+        assert!(
+            d.take_verdicts()
+                .iter()
+                .all(|v| v.state != State::StartupHung)
+        );
+    }
+
+    #[test]
+    fn a_socket_never_served_by_a_started_unit_is_a_configuration_problem_not_a_startup_hang() {
+        // systemd says the unit is up, containerd never answered on the configured socket:
+        // the socket may be the observer's mistake. Nothing is restarted.
+        let t0 = Instant::now();
+        let mut d = Detector::new(DetectorConfig::default());
+        d.set_main_pid(Some(100));
+        d.set_unit_starting(false);
+        for i in 0..6 {
+            let at = t0 + ms(2000 * i);
+            assert_eq!(
+                d.observe(at, failed(at, ProbeFailure::Refused)),
+                Decision::Wait
+            );
+        }
+        assert!(d.unanswered());
+        assert_eq!(d.state(), State::Suspect);
+    }
+
+    #[test]
+    fn tasks_list_hanging_as_a_whole_is_degraded_not_hung() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        let Decision::Act(v) = fail_layer(&mut d, Layer::Tasks, t0) else {
+            panic!("expected a verdict");
+        };
+        assert_eq!(v.state, State::Degraded);
+    }
+
+    #[test]
+    fn a_process_that_never_serves_its_socket_is_a_startup_hang_counted_across_restarts() {
+        let t0 = Instant::now();
+        let mut d = Detector::new(DetectorConfig::default());
+        d.set_main_pid(Some(100));
+        // systemd still waits for the notify unit to be ready.
+        d.set_unit_starting(true);
+        let refuse_three = |d: &mut Detector, t: Instant| {
+            let mut last = Decision::Wait;
+            for i in 0..3 {
+                let at = t + ms(2000 * i);
+                last = d.observe(at, failed(at, ProbeFailure::Refused));
+            }
+            last
+        };
+        let Decision::Act(v) = refuse_three(&mut d, t0) else {
+            panic!("expected a startup hang");
+        };
+        assert_eq!((v.state, v.repeat), (State::StartupHung, 1));
+        assert!(
+            v.evidence
+                .iter()
+                .any(|e| e.detail.contains("has not served its socket"))
+        );
+        d.observe(t0 + ms(5000), Observation::RestartStarted);
+        d.observe(t0 + ms(5100), Observation::RestartFinished { ok: true });
+        d.set_main_pid(Some(101));
+        let Decision::Act(v) = refuse_three(&mut d, t0 + ms(6000)) else {
+            panic!("expected a second startup hang");
+        };
+        assert_eq!((v.state, v.repeat), (State::StartupHung, 2));
+        // Reported: more refusals make nothing new.
+        assert_eq!(refuse_three(&mut d, t0 + ms(12_000)), Decision::Wait);
+        // Once it answers, a later refusal is an unreachable containerd, not a startup hang.
+        d.set_unit_starting(false);
+        d.observe(t0 + ms(20_000), ok());
+        assert_eq!(d.state(), State::Healthy);
+        let Decision::Act(v) = refuse_three(&mut d, t0 + ms(21_000)) else {
+            panic!("expected a verdict");
+        };
+        assert_eq!(v.state, State::Unreachable);
     }
 }

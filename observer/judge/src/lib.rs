@@ -4,6 +4,7 @@
 //! - [`detector`]: the state machine that turns exits, stalls and probe results into verdicts
 //! - [`cause`]: names an exit (signal, sender, OOM) for the verdict's evidence
 //! - [`latency`]: accept-latency percentiles over a sliding window
+//! - [`layer`]: the layers of the probe ladder, silent shims and blocked threads
 //! - [`budget`]: how many restarts may still be made, and when
 //! - [`policy`]: what to do about a verdict, given systemd's view of the unit
 //! - [`schedule`]: gaps in the observer's own scheduling, which are not containerd's fault
@@ -17,5 +18,6 @@ pub mod budget;
 pub mod cause;
 pub mod detector;
 pub mod latency;
+pub mod layer;
 pub mod policy;
 pub mod schedule;

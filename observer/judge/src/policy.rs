@@ -1,7 +1,10 @@
 //! What to do about a verdict. Two pure steps, in the style of a reconcile function:
 //!
 //! - [`decide`]: from the verdict, the switches (pause, dry run), whether a restart is
-//!   already in flight, and the restart budget at `now`, the [`Action`] the loop carries out;
+//!   already in flight, and the restart budget at `now`, the [`Action`] the loop carries out.
+//!   The remedy follows the cause ([`remedy`]): a restart clears a crash, a deadlock or a
+//!   wedged lock; it cannot help a stalled disk, a hung shim or a containerd that hangs at
+//!   every start, which are reported instead;
 //! - [`plan`]: once systemd's view of the unit is read, whether the restart is ours to do.
 //!   The observer never fights systemd: a unit systemd is already restarting is left to
 //!   systemd, a unit an operator stopped stays stopped.
@@ -15,7 +18,7 @@ use serde::Serialize;
 
 use crate::{
     budget::{Allowance, RestartBudget},
-    detector::{Observation, State},
+    detector::{Observation, State, Verdict},
 };
 
 /// The operator's switches that hold the observer's hand.
@@ -25,6 +28,8 @@ pub struct Switches {
     pub paused: bool,
     /// `--dry-run`: say what would be done, do nothing.
     pub dry_run: bool,
+    /// `--kill-hung-shims`: end a shim that does not answer (off by default).
+    pub kill_hung_shims: bool,
 }
 
 /// What the loop does about a verdict that calls for a restart.
@@ -45,6 +50,13 @@ pub enum Action {
     GiveUp { recent_restarts: usize },
     /// Read the unit, [`plan`], and restart if the plan says so.
     Restart,
+    /// A restart cannot help this cause: report it (node condition, event, log), and keep
+    /// watching.
+    Report { why: String },
+    /// As [`Action::Report`], with containerd's goroutine dump taken first.
+    ReportWithDump { why: String },
+    /// Kill these hung shims (`--kill-hung-shims`); containerd itself is left alone.
+    KillShims { pids: Vec<u32> },
 }
 
 impl Action {
@@ -57,6 +69,9 @@ impl Action {
             Action::BackOff { .. } => "back_off",
             Action::GiveUp { .. } => "give_up",
             Action::Restart => "restart",
+            Action::Report { .. } => "report",
+            Action::ReportWithDump { .. } => "report_with_dump",
+            Action::KillShims { .. } => "kill_shims",
         }
     }
 }
@@ -65,12 +80,55 @@ impl Action {
 pub fn needs_restart(state: State) -> bool {
     matches!(
         state,
-        State::Crashed | State::Hung | State::Unreachable | State::Suspect
+        State::Crashed | State::Hung | State::Unreachable | State::Suspect | State::StartupHung
     )
 }
 
-/// The reconcile step: what to do now about a verdict that calls for a restart.
+/// What a verdict's cause calls for, before the switches and the budget have their say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Remedy {
+    Restart,
+    /// Report only, and why a restart cannot help.
+    Report(String),
+    /// Report with a goroutine dump.
+    ReportWithDump(String),
+    /// Kill these shims (only when the operator turned it on).
+    KillShims(Vec<u32>),
+}
+
+/// The remedy by cause. A startup hang gets one restart (with its dump): a second that ends
+/// the same way is reported, not retried, since containerd would loop (containerd #13848).
+pub fn remedy(verdict: &Verdict, kill_hung_shims: bool) -> Remedy {
+    match verdict.state {
+        State::StorageStalled => Remedy::Report(
+            "storage stall: containerd waits on its disk; a new containerd would block the same way, and a thread in D state cannot even be killed. Not restarting: relieve the disk; the observer acts normally once the stall clears".into(),
+        ),
+        State::Degraded => {
+            let pids: Vec<u32> = verdict.silent_tasks.iter().filter_map(|t| t.shim_pid).collect();
+            if kill_hung_shims && !pids.is_empty() {
+                return Remedy::KillShims(pids);
+            }
+            let which: Vec<String> = verdict.silent_tasks.iter().map(ToString::to_string).collect();
+            let which = if which.is_empty() {
+                "Tasks.List does not answer".to_owned()
+            } else {
+                format!("no answer from the shim of {}", which.join(", "))
+            };
+            Remedy::Report(format!(
+                "containerd degraded: {which}. Not restarting containerd: it would reconnect to the same shim, and can hang at start on it. Kill the shim, or run with --kill-hung-shims"
+            ))
+        }
+        State::StartupHung if verdict.repeat >= 2 => Remedy::ReportWithDump(format!(
+            "containerd hangs at start again after a restart ({} starts in a row): restarting does not help (containerd #13848). Not restarting; look for what it waits on in the goroutine dump (a leftover shim, a held lock)",
+            verdict.repeat
+        )),
+        _ => Remedy::Restart,
+    }
+}
+
+/// The reconcile step: what to do now about a verdict.
 pub fn decide(
+    verdict: &Verdict,
     restart_in_flight: bool,
     switches: Switches,
     budget: &mut RestartBudget,
@@ -78,6 +136,15 @@ pub fn decide(
 ) -> Action {
     if restart_in_flight {
         return Action::Wait;
+    }
+    match remedy(verdict, switches.kill_hung_shims) {
+        Remedy::Restart => {}
+        // Reporting acts on nothing: neither the pause nor a dry run holds it back.
+        Remedy::Report(why) => return Action::Report { why },
+        Remedy::ReportWithDump(why) => return Action::ReportWithDump { why },
+        Remedy::KillShims(_) if switches.paused => return Action::Paused,
+        Remedy::KillShims(_) if switches.dry_run => return Action::DryRun,
+        Remedy::KillShims(pids) => return Action::KillShims { pids },
     }
     if switches.paused {
         return Action::Paused;
@@ -173,6 +240,13 @@ pub fn plan(verdict: State, unit: &UnitStatus, dead_pid: Option<u32>) -> Plan {
             unit.freezer_state
         ));
     }
+    // A start job that never finishes is what hangs: replacing it is the restart.
+    if verdict == State::StartupHung
+        && unit.job.as_deref().is_none_or(|job| job == "start")
+        && matches!(unit.active_state.as_str(), "activating" | "active")
+    {
+        return Plan::Restart;
+    }
     match unit.job.as_deref() {
         Some("stop") => {
             return Plan::LeaveStopped(
@@ -219,7 +293,24 @@ pub fn plan(verdict: State, unit: &UnitStatus, dead_pid: Option<u32>) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::budget::BudgetConfig;
+    use crate::{budget::BudgetConfig, layer::SilentTask};
+
+    fn verdict(state: State) -> Verdict {
+        Verdict {
+            state,
+            at: Instant::now(),
+            first_sign: Instant::now(),
+            pid: Some(10),
+            evidence: Vec::new(),
+            layer: None,
+            repeat: 1,
+            silent_tasks: Vec::new(),
+        }
+    }
+
+    fn hung() -> Verdict {
+        verdict(State::Hung)
+    }
 
     fn budget(max_restarts: usize) -> RestartBudget {
         RestartBudget::new(BudgetConfig {
@@ -231,12 +322,13 @@ mod tests {
     const ON: Switches = Switches {
         paused: false,
         dry_run: false,
+        kill_hung_shims: false,
     };
 
     #[test]
     fn a_restart_in_flight_waits_for_its_result() {
         let t0 = Instant::now();
-        assert_eq!(decide(true, ON, &mut budget(5), t0), Action::Wait);
+        assert_eq!(decide(&hung(), true, ON, &mut budget(5), t0), Action::Wait);
     }
 
     #[test]
@@ -245,22 +337,30 @@ mod tests {
         let both = Switches {
             paused: true,
             dry_run: true,
+            kill_hung_shims: false,
         };
-        assert_eq!(decide(false, both, &mut budget(5), t0), Action::Paused);
+        assert_eq!(
+            decide(&hung(), false, both, &mut budget(5), t0),
+            Action::Paused
+        );
         let dry = Switches {
             paused: false,
             dry_run: true,
+            kill_hung_shims: false,
         };
-        assert_eq!(decide(false, dry, &mut budget(0), t0), Action::DryRun);
+        assert_eq!(
+            decide(&hung(), false, dry, &mut budget(0), t0),
+            Action::DryRun
+        );
     }
 
     #[test]
     fn the_budget_spaces_restarts_then_gives_up() {
         let t0 = Instant::now();
         let mut b = budget(2);
-        assert_eq!(decide(false, ON, &mut b, t0), Action::Restart);
+        assert_eq!(decide(&hung(), false, ON, &mut b, t0), Action::Restart);
         b.record_restart(t0);
-        match decide(false, ON, &mut b, t0 + Duration::from_secs(1)) {
+        match decide(&hung(), false, ON, &mut b, t0 + Duration::from_secs(1)) {
             Action::BackOff {
                 retry_in,
                 recent_restarts: 1,
@@ -268,10 +368,10 @@ mod tests {
             other => panic!("expected a back-off, got {other:?}"),
         }
         let t1 = t0 + Duration::from_secs(11);
-        assert_eq!(decide(false, ON, &mut b, t1), Action::Restart);
+        assert_eq!(decide(&hung(), false, ON, &mut b, t1), Action::Restart);
         b.record_restart(t1);
         assert_eq!(
-            decide(false, ON, &mut b, t1 + Duration::from_secs(60)),
+            decide(&hung(), false, ON, &mut b, t1 + Duration::from_secs(60)),
             Action::GiveUp { recent_restarts: 2 }
         );
     }
@@ -287,7 +387,7 @@ mod tests {
             b.observe_health(t + Duration::from_secs(1), true);
             t += Duration::from_secs(2);
             b.observe_health(t, false);
-            match decide(false, ON, &mut b, t) {
+            match decide(&verdict(State::Crashed), false, ON, &mut b, t) {
                 Action::Restart => {
                     b.record_restart(t);
                     restarts += 1;
@@ -299,13 +399,104 @@ mod tests {
         }
         assert_eq!(restarts, 3);
         assert!(matches!(
-            decide(false, ON, &mut b, t),
+            decide(&verdict(State::Crashed), false, ON, &mut b, t),
             Action::GiveUp { .. }
         ));
         b.observe_health(t + Duration::from_secs(1), true);
         assert!(matches!(
-            decide(false, ON, &mut b, t + Duration::from_secs(2)),
+            decide(
+                &verdict(State::Crashed),
+                false,
+                ON,
+                &mut b,
+                t + Duration::from_secs(2)
+            ),
             Action::GiveUp { .. }
+        ));
+    }
+
+    #[test]
+    fn a_storage_stall_is_reported_never_restarted_even_with_budget_left() {
+        let t0 = Instant::now();
+        let mut b = budget(5);
+        let action = decide(&verdict(State::StorageStalled), false, ON, &mut b, t0);
+        let Action::Report { why } = action else {
+            panic!("expected a report, got {action:?}");
+        };
+        assert!(
+            why.contains("storage stall") && why.contains("Not restarting"),
+            "{why}"
+        );
+        assert_eq!(b.recent_restarts(), 0);
+        // Paused or not, a report is made: it acts on nothing.
+        let paused = Switches { paused: true, ..ON };
+        assert!(matches!(
+            decide(&verdict(State::StorageStalled), false, paused, &mut b, t0),
+            Action::Report { .. }
+        ));
+    }
+
+    #[test]
+    fn a_hung_shim_is_reported_and_killed_only_when_asked() {
+        let t0 = Instant::now();
+        let mut v = verdict(State::Degraded);
+        v.silent_tasks = vec![SilentTask {
+            id: "web".into(),
+            shim_pid: Some(4242),
+        }];
+        let Action::Report { why } = decide(&v, false, ON, &mut budget(5), t0) else {
+            panic!("expected a report");
+        };
+        assert!(why.contains("container web (shim pid 4242)"), "{why}");
+        assert!(why.contains("Not restarting containerd"), "{why}");
+        let kill = Switches {
+            kill_hung_shims: true,
+            ..ON
+        };
+        assert_eq!(
+            decide(&v, false, kill, &mut budget(5), t0),
+            Action::KillShims { pids: vec![4242] }
+        );
+        let paused = Switches {
+            paused: true,
+            ..kill
+        };
+        assert_eq!(
+            decide(&v, false, paused, &mut budget(5), t0),
+            Action::Paused
+        );
+    }
+
+    #[test]
+    fn a_startup_hang_gets_one_restart_then_a_report_with_the_dump() {
+        let t0 = Instant::now();
+        let mut b = budget(5);
+        let mut v = verdict(State::StartupHung);
+        assert_eq!(decide(&v, false, ON, &mut b, t0), Action::Restart);
+        b.record_restart(t0);
+        v.repeat = 2;
+        let later = t0 + Duration::from_secs(60);
+        let Action::ReportWithDump { why } = decide(&v, false, ON, &mut b, later) else {
+            panic!("expected a report with the dump");
+        };
+        assert!(why.contains("#13848"), "{why}");
+        assert_eq!(b.recent_restarts(), 1);
+    }
+
+    #[test]
+    fn a_hung_start_job_is_replaced_by_the_restart() {
+        let u = unit("activating", "start", Some(11), Some("start"));
+        assert_eq!(plan(State::StartupHung, &u, None), Plan::Restart);
+        // Any other verdict leaves a start job to systemd.
+        assert!(matches!(
+            plan(State::Hung, &u, None),
+            Plan::LeaveToSystemd(_)
+        ));
+        // A stop still wins.
+        let u = unit("deactivating", "stop-sigterm", Some(11), Some("stop"));
+        assert!(matches!(
+            plan(State::StartupHung, &u, None),
+            Plan::LeaveStopped(_)
         ));
     }
 

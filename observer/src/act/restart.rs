@@ -110,7 +110,7 @@ pub async fn prepare(
     verdict: State,
     main: Option<ProcessIdentity>,
 ) -> Option<StackDump> {
-    if !config.dump_stacks || verdict != State::Hung {
+    if !config.dump_stacks || !matches!(verdict, State::Hung | State::StartupHung) {
         return None;
     }
     Some(request_stack_dump(systemd, main, config.stack_dump_wait).await)

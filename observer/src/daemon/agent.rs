@@ -24,18 +24,22 @@ use crate::{
     judge::budget::{Allowance, BudgetConfig, RestartBudget},
     judge::cause::{self, SignalRecord},
     judge::detector::{
-        Decision, Detector, DetectorConfig, Observation, ProbeChannel, State, Verdict,
+        Decision, Detector, DetectorConfig, Observation, ProbeChannel, Source, State, Verdict,
     },
     judge::latency::LatencyWindow,
+    judge::layer::{Layer, Owner},
     judge::policy::{self, Action, Plan, Switches},
     judge::schedule::{Reading, ScheduleWatch},
     report::metrics::{Metrics, state_label},
     report::status::{
-        self, ActionRecord, BudgetRecord, BusRecord, Endpoint, ExitRecord, GapRecord,
-        LatencyRecord, ObserverRecord, PendingRecord, ProbeRecord, RefreshRequest, RestartRecord,
-        StatusDocument, VerdictRecord, WallClock, millis, push_action, push_bounded,
+        self, ActionRecord, BlockedRecord, BudgetRecord, BusRecord, Endpoint, ExitRecord,
+        GapRecord, LatencyRecord, LayerProbeRecord, LayerRecord, ObserverRecord, PendingRecord,
+        ProbeRecord, RefreshRequest, RestartRecord, StatusDocument, VerdictRecord, WallClock,
+        millis, push_action, push_bounded,
     },
+    sense::blocked::BlockedSampler,
     sense::kernel::{KernelAccept, KernelEvent, KernelExit},
+    sense::ladder::{self, Ladder, LayerOutcome, LayerResult, LayerTiming},
     sense::listener::{self, Ownership},
     sense::probe::{self, OpenConnection, ProbeResult},
     sense::process::ProcessIdentity,
@@ -65,6 +69,8 @@ const UNIT_REREAD_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the slowly changing parts of the status document are refreshed; the loop
 /// turns at least this often.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often containerd's and its shims' threads are looked at for D state.
+const BLOCKED_SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
 /// Window of the accept-latency percentiles.
 const LATENCY_WINDOW: Duration = Duration::from_secs(60);
 /// Recent signals kept to name an exit's cause.
@@ -121,8 +127,10 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         stall_threshold: settings.stall_threshold,
         failures_to_hang: settings.failures_to_hang,
         confirm_spacing: settings.probe_timeout,
+        blocked_threshold: settings.blocked_threshold,
         ..DetectorConfig::default()
     });
+    let layers = layer_slots(&settings);
     let (status_tx, status_rx) = watch::channel(StatusDocument {
         observer: ObserverRecord::current(),
         state: detector.state(),
@@ -157,7 +165,17 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             last_error: None,
         },
         config_problem: None,
+        layers: layers.iter().map(LayerSlot::record).collect(),
+        blocked_threads: BlockedRecord {
+            source: "procfs",
+            interval_ms: millis(BLOCKED_SAMPLE_INTERVAL),
+            threshold_ms: millis(settings.blocked_threshold),
+            ..BlockedRecord::default()
+        },
     });
+    for slot in layers.iter().filter(|s| s.enabled) {
+        metrics.layer_enabled(slot.layer.name());
+    }
     let (refresh_tx, mut refresh_rx) = mpsc::channel::<RefreshRequest>(16);
     let endpoint = Endpoint {
         status: status_rx,
@@ -224,6 +242,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             settings.stall_threshold / 2,
         ),
         last_known_pid: None,
+        ladder: Ladder::new(&settings.socket, &settings.snapshotter),
+        layers,
+        blocked: BlockedSampler::new(&settings.socket),
     };
     agent.refresh_unit().await;
     // systemd tells us at once when the unit changes (a new main PID after a restart by
@@ -234,6 +255,9 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 
     let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(4);
     let (restart_tx, mut restart_rx) = mpsc::channel::<ActionResult>(1);
+    let (layer_tx, mut layer_rx) = mpsc::channel::<LayerResult>(16);
+    let mut blocked_timer = tokio::time::interval(BLOCKED_SAMPLE_INTERVAL);
+    blocked_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut probe_timer = tokio::time::interval(settings.probe_interval);
     probe_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // `None` when no sensor watches the accept queue (probes only): no sampling at all.
@@ -285,6 +309,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
                 agent.check_ownership();
                 Decision::ProbeNow
             }
+            _ = sleep_until_or_never(agent.next_layer_due()) => {
+                agent.start_due_layers(&layer_tx);
+                Decision::Wait
+            }
+            Some(result) = layer_rx.recv() => agent.on_layer(result),
+            _ = blocked_timer.tick() => agent.sample_blocked(),
             Some(result) = restart_rx.recv() => {
                 agent.on_action_finished(result);
                 // Confirm at once that the new containerd answers.
@@ -356,7 +386,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         match decision {
             Decision::Wait => {}
             Decision::ProbeNow => agent.start_probe(&probe_tx),
-            Decision::Restart(verdict) => agent.act(verdict, &restart_tx),
+            Decision::Act(verdict) => agent.act(verdict, &restart_tx),
         }
     }
     notifier.stopping();
@@ -394,6 +424,85 @@ fn budget_config(settings: &Settings) -> BudgetConfig {
         max_restarts: settings.max_restarts as usize,
         ..BudgetConfig::default()
     }
+}
+
+/// One deeper layer of the probe ladder and when it is due.
+struct LayerSlot {
+    layer: Layer,
+    timing: LayerTiming,
+    /// Asked for (by `--probes`, or by default).
+    enabled: bool,
+    /// Named in `--probes`: a layer this containerd does not serve is then worth a warning.
+    explicit: bool,
+    /// Why the running containerd does not serve it, once it said so.
+    unsupported: Option<String>,
+    next_due: Instant,
+    in_flight: bool,
+}
+
+impl LayerSlot {
+    fn record(&self) -> LayerRecord {
+        let state = match (&self.unsupported, self.enabled) {
+            (Some(_), _) => "unsupported",
+            (None, true) => "on",
+            (None, false) => "off",
+        };
+        LayerRecord {
+            layer: self.layer,
+            state,
+            reason: self.unsupported.clone(),
+            period_ms: millis(self.timing.period),
+            deadline_ms: millis(self.timing.deadline),
+            last: None,
+        }
+    }
+
+    fn due(&self) -> Option<Instant> {
+        (self.enabled && self.unsupported.is_none() && !self.in_flight).then_some(self.next_due)
+    }
+}
+
+/// The ladder's layers below `Version()`, each due at once.
+fn layer_slots(settings: &Settings) -> Vec<LayerSlot> {
+    let now = Instant::now();
+    Layer::ALL
+        .into_iter()
+        .filter(|l| *l != Layer::Version)
+        .map(|layer| {
+            let explicit = settings.probes.as_ref().is_some_and(|p| p.contains(&layer));
+            LayerSlot {
+                layer,
+                timing: ladder::timing(layer, settings.ladder_interval),
+                enabled: settings.probes.is_none() || explicit,
+                explicit,
+                unsupported: None,
+                next_due: now,
+                in_flight: false,
+            }
+        })
+        .collect()
+}
+
+/// Kills hung shims (`--kill-hung-shims`); containerd itself is left running.
+fn kill_shims(pids: &[u32]) -> String {
+    let results: Vec<String> = pids
+        .iter()
+        .map(|&pid| {
+            let target = libc::pid_t::try_from(pid).unwrap_or(0);
+            let rc = if target > 0 {
+                // SAFETY: kill(2) has no memory-safety preconditions; pid 0 is never signalled.
+                unsafe { libc::kill(target, libc::SIGKILL) }
+            } else {
+                -1
+            };
+            if rc == 0 {
+                format!("shim {pid} killed (SIGKILL)")
+            } else {
+                format!("shim {pid} not killed: {}", std::io::Error::last_os_error())
+            }
+        })
+        .collect();
+    format!("{}; containerd is not restarted", results.join(", "))
 }
 
 /// The next event from systemd, `None` once the connection is lost, or never while there is
@@ -587,6 +696,9 @@ struct Agent<'a> {
     /// The latest main PID systemd named, and its restart counter (`NRestarts`) then: a
     /// new PID that neither the observer nor systemd's `Restart=` made is an operator's.
     last_known_pid: Option<(u32, u32)>,
+    ladder: Arc<Ladder>,
+    layers: Vec<LayerSlot>,
+    blocked: BlockedSampler,
 }
 
 impl Agent<'_> {
@@ -618,6 +730,11 @@ impl Agent<'_> {
         };
         self.note_operator_restart(&status);
         self.set_main_pid(status.main_pid);
+        // A notify unit whose start job has not finished: containerd never said it is ready.
+        self.detector.set_unit_starting(
+            status.active_state == "activating"
+                && (status.sub_state == "start" || status.job.as_deref() == Some("start")),
+        );
         self.status.send_modify(|d| d.unit_state = status);
     }
 
@@ -848,6 +965,15 @@ impl Agent<'_> {
         self.ownership_checked = None;
         self.detector.set_main_pid(pid);
         self.sensors.follow(pid, self.main_identity);
+        self.blocked.follow(pid);
+        // A new containerd may have a new configuration: ask every layer again.
+        let now = Instant::now();
+        for slot in &mut self.layers {
+            slot.unsupported = None;
+            slot.next_due = now;
+        }
+        let records: Vec<LayerRecord> = self.layers.iter().map(LayerSlot::record).collect();
+        self.status.send_modify(|d| d.layers = records);
         self.status.send_modify(|d| d.containerd_pid = pid);
     }
 
@@ -901,6 +1027,119 @@ impl Agent<'_> {
             };
             let _ = results.send(result).await;
         });
+    }
+
+    /// When the next deeper layer is due, if any is.
+    fn next_layer_due(&self) -> Option<Instant> {
+        self.layers.iter().filter_map(LayerSlot::due).min()
+    }
+
+    /// Sends the probes of every deeper layer that is due, each in its own task.
+    fn start_due_layers(&mut self, results: &mpsc::Sender<LayerResult>) {
+        let now = Instant::now();
+        for slot in &mut self.layers {
+            if slot.due().is_none_or(|due| due > now) {
+                continue;
+            }
+            slot.in_flight = true;
+            let ladder = self.ladder.clone();
+            let results = results.clone();
+            let (layer, deadline) = (slot.layer, slot.timing.deadline);
+            tokio::spawn(async move {
+                let result = ladder.probe(layer, deadline).await;
+                let _ = results.send(result).await;
+            });
+        }
+    }
+
+    fn on_layer(&mut self, result: LayerResult) -> Decision {
+        let now = Instant::now();
+        let Some(slot) = self.layers.iter_mut().find(|s| s.layer == result.layer) else {
+            return Decision::Wait;
+        };
+        slot.in_flight = false;
+        // Periods count from each probe's start, so a slow answer does not stretch them.
+        slot.next_due = (result.started + slot.timing.period).max(now);
+        let name = result.outcome.name();
+        self.metrics
+            .layer_probe(result.layer.name(), name, result.latency);
+        let (detail, silent_tasks) = match &result.outcome {
+            LayerOutcome::Answered {
+                detail,
+                silent_tasks,
+            } => (detail.clone(), silent_tasks.clone()),
+            LayerOutcome::Unsupported(why) | LayerOutcome::Failed(_, why) => {
+                (why.clone(), Vec::new())
+            }
+        };
+        if let LayerOutcome::Unsupported(why) = &result.outcome {
+            if slot.explicit {
+                warn!(layer = %result.layer, "{why}: a configuration fact, not a hang; the layer is not probed until containerd restarts");
+            } else {
+                info!(layer = %result.layer, "{why}; the layer is left out until containerd restarts");
+            }
+            slot.unsupported = Some(why.clone());
+        }
+        let mut record = slot.record();
+        record.last = Some(LayerProbeRecord {
+            at: humantime::format_rfc3339_micros(result.started_wall).to_string(),
+            latency_ms: millis(result.latency),
+            result: name,
+            detail,
+            silent_tasks: silent_tasks.clone(),
+        });
+        self.status.send_modify(|d| {
+            if let Some(entry) = d.layers.iter_mut().find(|l| l.layer == result.layer) {
+                *entry = record;
+            }
+        });
+        let observation = match result.outcome {
+            LayerOutcome::Answered { .. } => Observation::LayerAnswered {
+                layer: result.layer,
+                latency: result.latency,
+                silent_tasks,
+            },
+            LayerOutcome::Unsupported(_) => return Decision::Wait,
+            LayerOutcome::Failed(failure, error) => Observation::LayerFailed {
+                layer: result.layer,
+                started: result.started,
+                failure,
+                error,
+            },
+        };
+        self.detector.observe(now, observation)
+    }
+
+    /// Samples containerd's and its shims' threads for D state.
+    fn sample_blocked(&mut self) -> Decision {
+        let now = Instant::now();
+        let sample = self.blocked.sample(now);
+        let threshold = self.settings.blocked_threshold;
+        let past = |owner| {
+            sample
+                .threads
+                .iter()
+                .filter(|t| t.owner == owner && t.blocked_for >= threshold)
+                .count()
+        };
+        self.metrics
+            .blocked(past(Owner::Containerd), past(Owner::Shim));
+        let (threads, pressure) = (sample.threads.clone(), sample.context.clone());
+        self.status.send_if_modified(|d| {
+            let changed =
+                d.blocked_threads.threads != threads || d.blocked_threads.pressure != pressure;
+            d.blocked_threads.threads = threads;
+            d.blocked_threads.pressure = pressure;
+            changed
+        });
+        self.detector.observe(
+            now,
+            Observation::Blocked {
+                threads: sample.threads,
+                context: sample.context,
+                sensor: Source::Procfs,
+            },
+        )
     }
 
     fn on_probe(&mut self, result: ProbeResult) -> Decision {
@@ -1016,7 +1255,7 @@ impl Agent<'_> {
                 at: s.at,
             });
         }
-        let cause = (exit.source == judge::detector::Source::Ebpf)
+        let cause = (exit.source == Source::Ebpf)
             .then(|| cause::explain(exit.pid, exit.exit_code, exit.at, &signals));
         let description = match (&cause, exit.source) {
             (Some(cause), _) => format!(
@@ -1122,10 +1361,12 @@ impl Agent<'_> {
         let switches = Switches {
             paused: self.settings.pause_file.exists(),
             dry_run: self.settings.dry_run,
+            kill_hung_shims: self.settings.kill_hung_shims,
         };
         self.status.send_modify(|d| d.paused = switches.paused);
         let now = Instant::now();
         let action = policy::decide(
+            &verdict,
             self.restart_in_flight.is_some(),
             switches,
             &mut self.budget,
@@ -1153,6 +1394,9 @@ impl Agent<'_> {
                 self.settings.unit
             ),
             Action::DryRun => format!("dry run: would restart {}", self.settings.unit),
+            Action::Report { why } => why.clone(),
+            Action::ReportWithDump { why } => self.dump_stacks(why),
+            Action::KillShims { pids } => kill_shims(pids),
             Action::BackOff {
                 retry_in,
                 recent_restarts,
@@ -1207,13 +1451,40 @@ impl Agent<'_> {
         });
     }
 
+    /// Asks containerd for its goroutine dump (in the background: it waits for the file) and
+    /// says where it goes.
+    fn dump_stacks(&self, why: &str) -> String {
+        if !self.settings.dump_stacks {
+            return format!("{why} (no goroutine dump: --no-stack-dump)");
+        }
+        let (Some(systemd), Some(main)) = (self.systemd.clone(), self.main_identity) else {
+            return format!(
+                "{why}; no process to ask for a goroutine dump now: the one taken before the restart is in restarts[].stack_dump"
+            );
+        };
+        let config = self.actuator.clone();
+        tokio::spawn(async move {
+            let dump = restart::prepare(&systemd, &config, State::StartupHung, Some(main)).await;
+            if let Some(dump) = dump {
+                info!(
+                    pid = main.pid,
+                    "goroutine dump of a containerd hanging at start: {}", dump.note
+                );
+            }
+        });
+        format!(
+            "{why}; goroutine dump requested (SIGUSR1): containerd writes it to its log and /tmp/containerd.{}.stacks.log",
+            main.pid
+        )
+    }
+
     /// Tries again a restart the budget (or a lost bus) deferred, if containerd still needs one.
     fn retry_deferred(&mut self) -> Decision {
         let Some((verdict, _)) = self.deferred.take() else {
             return Decision::Wait;
         };
         if policy::needs_restart(self.detector.state()) {
-            Decision::Restart(verdict)
+            Decision::Act(verdict)
         } else {
             Decision::Wait
         }

@@ -25,7 +25,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 /// Every state the detector can be in, for the state gauge; kept complete by
 /// [`state_label`]'s exhaustive match and a test.
-pub const ALL_STATES: [State; 8] = [
+pub const ALL_STATES: [State; 12] = [
     State::Starting,
     State::Healthy,
     State::Suspect,
@@ -34,11 +34,18 @@ pub const ALL_STATES: [State; 8] = [
     State::Hung,
     State::Unreachable,
     State::Recovering,
+    State::Stopped,
+    State::Degraded,
+    State::StorageStalled,
+    State::StartupHung,
 ];
 
 /// The actuator's actions, as the status document's `actions` names them.
-const ACTIONS: [&str; 9] = [
+const ACTIONS: [&str; 12] = [
     "restart",
+    "report",
+    "report_with_dump",
+    "kill_shims",
     "leave_to_systemd",
     "leave_stopped",
     "leave_frozen",
@@ -59,6 +66,16 @@ const PROBE_BUCKETS: [f64; 13] = [
 const ACCEPT_BUCKETS: [f64; 12] = [
     0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0,
 ];
+
+/// Bucket bounds of a deeper layer's latency, in seconds: the layers' deadlines are a few
+/// seconds, and `Tasks.List` waits up to 2 s per silent shim.
+const LAYER_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+fn layer_histogram() -> Histogram {
+    Histogram::new(LAYER_BUCKETS)
+}
 
 type Labels1 = [(&'static str, String); 1];
 type Labels2 = [(&'static str, String); 2];
@@ -81,6 +98,9 @@ pub struct Metrics {
     state: Family<Labels1, Gauge<i64, AtomicI64>>,
     bus_connected: Gauge<i64, AtomicI64>,
     bus_reconnects: Counter,
+    layer_latency: Family<Labels1, Histogram, fn() -> Histogram>,
+    layer_probes: Family<Labels2, Counter>,
+    blocked_threads: Family<Labels1, Gauge<i64, AtomicI64>>,
 }
 
 impl Metrics {
@@ -174,6 +194,29 @@ impl Metrics {
             "Connections to systemd over D-Bus made again after one was lost (a restart of the bus, systemd's daemon-reexec)",
             bus_reconnects.clone(),
         );
+        let layer_latency =
+            Family::<Labels1, Histogram, fn() -> Histogram>::new_with_constructor(layer_histogram);
+        registry.register_with_unit(
+            "layer_probe_latency",
+            "Time a layer of the probe ladder took to answer, or until it failed, by layer",
+            Unit::Seconds,
+            layer_latency.clone(),
+        );
+        let layer_probes = Family::<Labels2, Counter>::default();
+        registry.register(
+            "layer_probes",
+            "Probes of the ladder's deeper layers by layer and result: ok, timeout, refused, error or unsupported",
+            layer_probes.clone(),
+        );
+        let blocked_threads = Family::<Labels1, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "blocked_threads",
+            "Threads of containerd (owner=containerd) and its shims (owner=shim) in D state past the threshold at the last sample",
+            blocked_threads.clone(),
+        );
+        for owner in ["containerd", "shim"] {
+            let _ = blocked_threads.get_or_create(&[("owner", owner.to_owned())]);
+        }
         registry.register(
             "build",
             "The observer's build",
@@ -215,6 +258,9 @@ impl Metrics {
             state,
             bus_connected,
             bus_reconnects,
+            layer_latency,
+            layer_probes,
+            blocked_threads,
         };
         metrics.set_state(State::Starting);
         metrics
@@ -234,6 +280,37 @@ impl Metrics {
         self.probes
             .get_or_create(&[("result", result.to_owned())])
             .inc();
+    }
+
+    /// A finished probe of a deeper layer; `result` as in its `/status` record.
+    pub fn layer_probe(&self, layer: &str, result: &str, latency: Duration) {
+        self.layer_latency
+            .get_or_create(&[("layer", layer.to_owned())])
+            .observe(latency.as_secs_f64());
+        self.layer_probes
+            .get_or_create(&[("layer", layer.to_owned()), ("result", result.to_owned())])
+            .inc();
+    }
+
+    /// Makes every result of `layer` a series at zero, so alerts work before the first failure.
+    pub fn layer_enabled(&self, layer: &str) {
+        let _ = self
+            .layer_latency
+            .get_or_create(&[("layer", layer.to_owned())]);
+        for result in ["ok", "timeout", "refused", "error", "unsupported"] {
+            let _ = self
+                .layer_probes
+                .get_or_create(&[("layer", layer.to_owned()), ("result", result.to_owned())]);
+        }
+    }
+
+    /// Threads in D state past the threshold at the last sample, by owner.
+    pub fn blocked(&self, containerd: usize, shims: usize) {
+        for (owner, n) in [("containerd", containerd), ("shim", shims)] {
+            self.blocked_threads
+                .get_or_create(&[("owner", owner.to_owned())])
+                .set(n as i64);
+        }
     }
 
     /// One connection that containerd accepted after waiting `latency` in its queue.
@@ -324,6 +401,9 @@ pub fn state_label(state: State) -> &'static str {
         State::Unreachable => "unreachable",
         State::Recovering => "recovering",
         State::Stopped => "stopped",
+        State::Degraded => "degraded",
+        State::StorageStalled => "storage_stalled",
+        State::StartupHung => "startup_hung",
     }
 }
 

@@ -9,10 +9,14 @@
 //! - [`process`]: a process named by its PID and start time, which a reused PID does not
 //!   share;
 //! - [`listener`]: whether a listening socket is containerd's own, by its inode;
+//! - [`ladder`]: the deeper probe layers below `Version()` (CRI, metadata, snapshots, tasks);
+//! - [`blocked`]: containerd's and its shims' threads in D state, from `/proc`;
 //! - [`unit`]: the unit as systemd sees it, and its changes.
+pub mod blocked;
 pub mod fallback;
 pub mod heartbeat;
 pub mod kernel;
+pub mod ladder;
 pub mod listener;
 pub mod probe;
 pub mod process;

@@ -150,6 +150,30 @@ pub fn judge(observed: &Observed<'_>) -> Option<Judgement> {
                 evidence(State::Stopped)
             ),
         ),
+        State::Degraded => (
+            Some(true),
+            "ContainerdDegraded",
+            format!(
+                "{unit} answers, but not for every container; it is not restarted{}",
+                evidence(State::Degraded)
+            ),
+        ),
+        State::StorageStalled => (
+            Some(true),
+            "ContainerdStorageStalled",
+            format!(
+                "{unit} waits on its storage; a restart cannot help, so none is made{}",
+                evidence(State::StorageStalled)
+            ),
+        ),
+        State::StartupHung => (
+            Some(true),
+            "ContainerdStartupHung",
+            format!(
+                "{unit} runs but has not served its socket since it started{}",
+                evidence(State::StartupHung)
+            ),
+        ),
     };
     let since = latest(observed.state).and_then(|v| v.at.parse().ok());
     Some(Judgement {
@@ -350,6 +374,9 @@ fn verdict_occurrence(unit: &str, v: &VerdictRecord) -> Occurrence {
         State::Unreachable => ("ContainerdUnreachable", true),
         State::Recovering => ("ContainerdRecovering", false),
         State::Stopped => ("ContainerdStopped", true),
+        State::Degraded => ("ContainerdDegraded", true),
+        State::StorageStalled => ("ContainerdStorageStalled", true),
+        State::StartupHung => ("ContainerdStartupHung", true),
     };
     let pid = v.pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
     Occurrence {
@@ -510,6 +537,13 @@ mod tests {
             (State::Unreachable, Some(true), "ContainerdUnreachable"),
             (State::Recovering, Some(true), "ContainerdRecovering"),
             (State::Stopped, Some(true), "ContainerdStopped"),
+            (State::Degraded, Some(true), "ContainerdDegraded"),
+            (
+                State::StorageStalled,
+                Some(true),
+                "ContainerdStorageStalled",
+            ),
+            (State::StartupHung, Some(true), "ContainerdStartupHung"),
         ] {
             doc.state = state;
             let j = judge(&doc.observed()).unwrap();
@@ -527,6 +561,19 @@ mod tests {
         assert_eq!(
             judge(&doc.observed()).unwrap().message,
             "containerd.service is being restarted after it was hung: probe timed out"
+        );
+        // A storage stall: its own reason, and the message says no restart is made.
+        doc.verdicts.push_back(verdict(
+            "2030-01-01T00:00:02Z",
+            State::StorageStalled,
+            "1 containerd thread(s) in D state",
+        ));
+        doc.state = State::StorageStalled;
+        let stall = judge(&doc.observed()).unwrap();
+        assert_eq!(stall.reason, "ContainerdStorageStalled");
+        assert_eq!(
+            stall.message,
+            "containerd.service waits on its storage; a restart cannot help, so none is made: 1 containerd thread(s) in D state"
         );
     }
 

@@ -73,6 +73,9 @@ pub(super) fn verdict(at: &str, state: State, detail: &str) -> VerdictRecord {
             at: at.to_owned(),
             detail: detail.to_owned(),
         }],
+        layer: None,
+        repeat: 1,
+        silent_tasks: Vec::new(),
     }
 }
 

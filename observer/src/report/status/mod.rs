@@ -22,7 +22,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::judge::detector::{self, Source, State};
+use crate::judge::{
+    detector::{self, Source, State},
+    layer::{BlockedThread, Layer, SilentTask},
+};
 
 /// How many verdicts and restarts the document keeps.
 pub const HISTORY: usize = 100;
@@ -70,6 +73,10 @@ pub struct StatusDocument {
     /// A setting that keeps the observer from watching containerd, and how to fix it: no
     /// restart is made on the evidence it spoils.
     pub config_problem: Option<String>,
+    /// The probe ladder, one entry per layer, with its last result.
+    pub layers: Vec<LayerRecord>,
+    /// containerd's and its shims' threads in D state at the last sample.
+    pub blocked_threads: BlockedRecord,
 }
 
 /// The agent's connection to systemd.
@@ -83,6 +90,41 @@ pub struct BusRecord {
     pub reconnects: u64,
     /// Why the last connection was lost or the last attempt failed.
     pub last_error: Option<String>,
+}
+
+/// One layer of the probe ladder.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerRecord {
+    pub layer: Layer,
+    /// `on`, `off` (left out of --probes) or `unsupported` (this containerd does not serve
+    /// it; `reason` says why).
+    pub state: &'static str,
+    pub reason: Option<String>,
+    pub period_ms: f64,
+    pub deadline_ms: f64,
+    pub last: Option<LayerProbeRecord>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerProbeRecord {
+    pub at: String,
+    pub latency_ms: f64,
+    /// `ok`, `timeout`, `refused`, `error` or `unsupported`.
+    pub result: &'static str,
+    pub detail: String,
+    /// For `tasks`: the tasks whose shim did not answer.
+    pub silent_tasks: Vec<SilentTask>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BlockedRecord {
+    /// `procfs`: sampled from /proc.
+    pub source: &'static str,
+    pub interval_ms: f64,
+    pub threshold_ms: f64,
+    pub threads: Vec<BlockedThread>,
+    /// The unit cgroup's io and memory pressure when a thread is blocked.
+    pub pressure: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -231,6 +273,12 @@ pub struct VerdictRecord {
     /// From the first sign to this verdict.
     pub detection_latency_ms: f64,
     pub evidence: Vec<EvidenceRecord>,
+    /// The probe layer that failed, for a verdict of the ladder.
+    pub layer: Option<Layer>,
+    /// Verdicts of this state in a row without containerd answering (startup hangs).
+    pub repeat: u32,
+    /// For a degraded containerd: the tasks whose shims do not answer.
+    pub silent_tasks: Vec<SilentTask>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -311,6 +359,9 @@ impl VerdictRecord {
                     detail: e.detail.clone(),
                 })
                 .collect(),
+            layer: v.layer,
+            repeat: v.repeat,
+            silent_tasks: v.silent_tasks.clone(),
         }
     }
 }
