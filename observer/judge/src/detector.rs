@@ -737,11 +737,27 @@ impl Detector {
                 .filter(|_| self.answered || self.listener_owned);
             if let Some(stall) = stall {
                 // A call on the open connection sent after this probe left was answered:
-                // no accept for the threshold, yet the handlers live: the accept loop is
-                // behind. (The stall's own start may predate a connection seen late.)
+                // no accept for the threshold, yet the handlers live. A throttled accept
+                // loop that works in bursts is behind: overloaded. One that stays silent
+                // past `overloaded_stall` while connections wait is dead (out of
+                // descriptors, say): hung, whatever the open connection says. (The stall's
+                // own start may predate a connection seen late.)
+                let silent_since = self.last_accept.map_or(stall.at, |at| at.max(stall.at));
+                let silent_for = now.saturating_duration_since(silent_since);
                 if self.open_answered.is_some_and(|at| at >= started) {
-                    self.enter_overload(now, stall);
-                    return self.hang_past_horizon(now);
+                    if silent_for < self.config.overloaded_stall {
+                        self.enter_overload(now, stall);
+                        return self.hang_past_horizon(now);
+                    }
+                    let dead = Evidence {
+                        source: stall.source,
+                        at: now,
+                        detail: format!(
+                            "containerd accepted no connection for {:.1} s while connections waited, though it answers on an open connection: its accept loop is dead",
+                            silent_for.as_secs_f64()
+                        ),
+                    };
+                    return self.judge_bad(now, State::Hung, stall.at, vec![stall, dead, evidence]);
                 }
                 return self.judge_bad(now, State::Hung, stall.at, vec![stall, evidence]);
             }
@@ -2096,6 +2112,44 @@ mod tests {
             panic!("a frozen containerd is hung");
         };
         assert_eq!(v.state, State::Hung);
+    }
+
+    /// Out of descriptors, containerd answers on the connections it has but accepts none:
+    /// the open connection's answers buy it `overloaded_stall`, not a reprieve for ever.
+    #[test]
+    fn an_accept_loop_silent_past_the_overload_allowance_is_hung_though_the_open_connection_answers()
+     {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        let mut verdict = None;
+        for step in 0..200u64 {
+            let t = t0 + ms(step * 100);
+            // Connections queue from t0 on and none is ever accepted.
+            d.observe(t, sample(200, step * 100, 0));
+            if step % 10 == 5 {
+                d.observe(t, open_ok(4));
+            }
+            if step >= 10
+                && step % 10 == 0
+                && let Decision::Act(v) = d.observe(t, failed(t - ms(1000), ProbeFailure::Timeout))
+            {
+                verdict = Some((t, v));
+                break;
+            }
+        }
+        let (at, v) = verdict.expect("a dead accept loop is a hang");
+        assert_eq!(v.state, State::Hung);
+        let waited = at.duration_since(t0);
+        assert!(
+            waited >= ms(5000) && waited <= ms(7000),
+            "hung after the overload allowance, not before nor long after: {waited:?}"
+        );
+        assert!(
+            v.evidence
+                .iter()
+                .any(|e| e.detail.contains("accept loop is dead")),
+            "{v:?}"
+        );
     }
 
     /// A throttled containerd accepts in bursts: a pause a little longer than the threshold,
