@@ -628,10 +628,29 @@ impl Settings {
     }
 
     fn resolve_with(args: &RunArgs, rust_log: Option<String>) -> Result<Settings, ConfigError> {
-        let (file, at) = match &args.config {
+        let file = match &args.config {
             Some(path) => load_file(path)?,
             None => (FileConfig::default(), Locator::default()),
         };
+        Self::resolve_over(args, rust_log, file)
+    }
+
+    /// Resolves the flags (and their environment variables, already in `args`) over the
+    /// text of a config file at `path`, without reading `path`: for the fuzz targets.
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn resolve_file_text(
+        args: &RunArgs,
+        path: &Path,
+        text: String,
+    ) -> Result<Settings, ConfigError> {
+        Self::resolve_over(args, None, parse_file(path, text)?)
+    }
+
+    fn resolve_over(
+        args: &RunArgs,
+        rust_log: Option<String>,
+        (file, at): (FileConfig, Locator),
+    ) -> Result<Settings, ConfigError> {
         let socket = at.pick("socket", args.socket.clone(), file.socket, || {
             DEFAULT_SOCKET.into()
         });
@@ -900,6 +919,11 @@ fn load_file(path: &Path) -> Result<(FileConfig, Locator), ConfigError> {
         path: path.to_owned(),
         source,
     })?;
+    parse_file(path, text)
+}
+
+/// Parses the text of the config file at `path` (named in errors).
+fn parse_file(path: &Path, text: String) -> Result<(FileConfig, Locator), ConfigError> {
     let config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
         path: path.to_owned(),
         // toml's message already names the line and column and shows the offending text.

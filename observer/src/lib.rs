@@ -16,6 +16,8 @@ pub mod act;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod report;
 pub mod sense;
 

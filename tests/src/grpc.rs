@@ -33,7 +33,7 @@ pub fn containerd_version(socket: &Path, timeout: Duration) -> io::Result<String
             let kind = match failure {
                 ProbeFailure::Refused => io::ErrorKind::ConnectionRefused,
                 ProbeFailure::Timeout => io::ErrorKind::TimedOut,
-                ProbeFailure::Error => io::ErrorKind::Other,
+                ProbeFailure::Error | ProbeFailure::ObserverSide => io::ErrorKind::Other,
             };
             io::Error::new(kind, detail)
         })

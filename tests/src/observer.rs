@@ -80,6 +80,26 @@ impl Observer {
         extra_args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Observer, SandboxError> {
+        Self::spawn_full(sandbox, socket, &[], extra_args, env)
+    }
+
+    /// Like [`spawn`](Self::spawn), run through the command `wrapper` that execs it, e.g.
+    /// `["prlimit", "--nofile=1024:1024", "--"]`: the observer is still the child process.
+    pub fn spawn_under(
+        sandbox: &Sandbox,
+        wrapper: &[&str],
+        extra_args: &[&str],
+    ) -> Result<Observer, SandboxError> {
+        Self::spawn_full(sandbox, sandbox.socket(), wrapper, extra_args, &[])
+    }
+
+    fn spawn_full(
+        sandbox: &Sandbox,
+        socket: &std::path::Path,
+        wrapper: &[&str],
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Observer, SandboxError> {
         let bin = observer_bin()?;
         let status_addr = free_local_addr();
         let log_path = sandbox.dir().join("observer.log");
@@ -93,7 +113,14 @@ impl Observer {
         let log_err = log
             .try_clone()
             .map_err(|err| SandboxError::io("could not duplicate a file handle", err))?;
-        let mut cmd = Command::new(&bin);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&bin);
+                cmd
+            }
+            None => Command::new(&bin),
+        };
         cmd.arg("--socket")
             .arg(socket)
             .args(["--unit", sandbox.unit()])

@@ -480,6 +480,30 @@ fn the_systemd_unit_starts_hardened_and_feeds_its_watchdog() {
         "eBPF loads under the hardening: {doc}"
     );
     assert_eq!(doc["sensors"]["process_exit"]["state"], "on", "{doc}");
+    // The pause file's directory (RuntimeDirectory=) is root's, and only root may write in it.
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let runtime = sandbox.dir().join("runtime/containerd-observer");
+        let meta = fs::metadata(&runtime).unwrap_or_else(|e| panic!("{}: {e}", runtime.display()));
+        assert_eq!(meta.uid(), 0, "{}", runtime.display());
+        assert_eq!(meta.mode() & 0o022, 0, "{:o}", meta.mode());
+    }
+    // LimitNOFILE= applies, and the observer runs with the soft limit raised to it.
+    let limits = fs::read_to_string(format!("/proc/{}/limits", prop(&later, "MainPID"))).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("{limits}"));
+    // A user manager cannot go above its own hard limit, which may be lower than the unit's;
+    // the soft limit is raised to the hard one either way.
+    let words: Vec<&str> = open_files.split_whitespace().collect();
+    let (soft, hard): (u64, u64) = (words[3].parse().unwrap(), words[4].parse().unwrap());
+    assert_eq!(soft, hard, "{open_files}");
+    assert!(hard > 1024, "{open_files}");
+    assert_eq!(
+        prop(&show(&sandbox, name, "LimitNOFILE"), "LimitNOFILE"),
+        "65536"
+    );
 
     sandbox.systemctl(&["stop", name]).expect("stop");
     let stopped = show(&sandbox, name, "ActiveState,Result");

@@ -138,6 +138,7 @@ fn assert_status_schema(doc: &Value) {
             "started_at",
             "scheduling_gaps",
             "last_scheduling_gap",
+            "degraded",
         ],
     );
     let sensors = &doc["sensors"];
@@ -508,6 +509,16 @@ fn metrics_parse_and_count_a_crash_restart() {
         ),
         ("containerd_observer_layer_probes", ("counter", None)),
         ("containerd_observer_blocked_threads", ("gauge", None)),
+        ("containerd_observer_degraded", ("gauge", None)),
+        ("containerd_observer_status_connections", ("gauge", None)),
+        (
+            "containerd_observer_status_connections_shed",
+            ("counter", None),
+        ),
+        (
+            "containerd_observer_status_accept_errors",
+            ("counter", None),
+        ),
         ("containerd_observer_build", ("info", None)),
     ]
     .into_iter()

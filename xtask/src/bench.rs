@@ -28,6 +28,8 @@ pub struct BenchOptions {
     pub zoo_reference_trials: usize,
     pub zoo_only: bool,
     pub quick: bool,
+    /// Seconds each fuzz target runs after the measurements (`cargo xtask fuzz`); 0: none.
+    pub fuzz_seconds: u64,
 }
 
 pub fn bench(opts: BenchOptions) -> Result<ExitCode> {
@@ -114,6 +116,9 @@ pub fn bench(opts: BenchOptions) -> Result<ExitCode> {
                 .filter_map(|c| c.error.as_ref().map(|e| format!("cost window: {e}"))),
         )
         .collect();
+    if opts.fuzz_seconds > 0 {
+        crate::fuzz::fuzz(opts.fuzz_seconds, &[])?;
+    }
     if failed.is_empty() && results.slowdown.is_some() {
         Ok(ExitCode::SUCCESS)
     } else {

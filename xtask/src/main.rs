@@ -4,6 +4,7 @@
 mod bench;
 mod checks;
 mod cmd;
+mod fuzz;
 mod image;
 mod report;
 mod run;
@@ -92,6 +93,19 @@ enum Task {
         /// a minute, and writes to target/bench/ instead of BENCHMARKS.md.
         #[arg(long)]
         quick: bool,
+        /// Then run each fuzz target this long (`cargo xtask fuzz`); 0 leaves fuzzing out.
+        #[arg(long, default_value_t = 30)]
+        fuzz_seconds: u64,
+    },
+    /// Run each fuzz target (observer/fuzz) for a while, seeded from its corpus in the
+    /// repository, with cargo-fuzz on nightly (installed when missing). Fails on any crash.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Targets to run [default: all].
+        #[arg(value_name = "TARGET")]
+        targets: Vec<String>,
     },
     /// Keep a throttled containerd under load for a while and check that the observer restarts
     /// nothing and its memory stays flat (as root). Exits non-zero on failure.
@@ -169,6 +183,7 @@ fn main() -> ExitCode {
             zoo_reference_trials,
             zoo_only,
             quick,
+            fuzz_seconds,
         } => bench::bench(bench::BenchOptions {
             trials,
             reference_trials,
@@ -176,7 +191,11 @@ fn main() -> ExitCode {
             zoo_reference_trials,
             zoo_only,
             quick,
+            fuzz_seconds,
         }),
+        Task::Fuzz { seconds, targets } => {
+            fuzz::fuzz(seconds, &targets).map(|()| ExitCode::SUCCESS)
+        }
         Task::Soak {
             duration,
             cpu_quota,

@@ -31,6 +31,8 @@
 //!   configuration problem instead;
 //! - a gap in the observer's own scheduling is no evidence: probes and pending ages that span
 //!   it are discarded, and containerd is probed again before it is judged;
+//! - a probe that failed on the observer's own side (out of descriptors or memory) is no
+//!   evidence about containerd at all: it neither counts towards a verdict nor clears one;
 //! - while a restart is in flight, nothing triggers another one; failures from before a
 //!   restart do not count after it.
 //!
@@ -122,6 +124,10 @@ pub enum ProbeFailure {
     Refused,
     /// Any other error (a gRPC error status, a broken connection).
     Error,
+    /// The probe could not be sent because of the observer's own state: it ran out of file
+    /// descriptors (EMFILE, ENFILE) or memory (ENOMEM, ENOBUFS), or may not open the socket
+    /// (EACCES, EPERM). The observer is degraded; containerd is not judged by it.
+    ObserverSide,
 }
 
 /// Which connection a probe rode.
@@ -575,6 +581,14 @@ impl Detector {
                         }
                     }
                 }
+                Decision::Wait
+            }
+            Observation::ProbeFailed {
+                failure: ProbeFailure::ObserverSide,
+                ..
+            } => {
+                // Neither a failure of containerd nor an answer from it: the count of
+                // failures in a row, the kernel's suspicion and the state all stay as they are.
                 Decision::Wait
             }
             Observation::ProbeFailed {
@@ -1136,8 +1150,9 @@ impl Detector {
         failure: ProbeFailure,
         error: String,
     ) -> Decision {
-        // Nobody listening is the Version() probe's to judge.
-        if failure == ProbeFailure::Refused {
+        // Nobody listening is the Version() probe's to judge; the observer's own exhaustion
+        // is no evidence at all.
+        if matches!(failure, ProbeFailure::Refused | ProbeFailure::ObserverSide) {
             return Decision::Wait;
         }
         let failures = self.layer_failures.entry(layer).or_default();
@@ -1306,6 +1321,7 @@ fn failure_name(f: ProbeFailure) -> &'static str {
         ProbeFailure::Timeout => "timeout",
         ProbeFailure::Refused => "refused",
         ProbeFailure::Error => "error",
+        ProbeFailure::ObserverSide => "observer_side",
     }
 }
 
@@ -1680,6 +1696,60 @@ mod tests {
             };
             assert!(!matches!(decision, Decision::Act(_)), "restart at {i}");
         }
+    }
+
+    #[test]
+    fn the_observers_own_exhaustion_never_makes_a_verdict() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        // A flood of failures on the observer's side, second after second, kernel stall or not.
+        for i in 0..100u64 {
+            let t = t0 + ms(i * 1000);
+            if i % 10 == 5 {
+                d.observe(t, pending(Some(1500)));
+            }
+            assert_eq!(
+                d.observe(t, failed(t, ProbeFailure::ObserverSide)),
+                Decision::Wait,
+                "probe {i}"
+            );
+        }
+        // The kernel's stalls make containerd suspect; the observer's failed probes never
+        // confirm them.
+        assert_eq!(d.state(), State::Suspect);
+        assert!(d.take_verdicts().iter().all(|v| v.state == State::Suspect));
+    }
+
+    #[test]
+    fn the_observers_exhaustion_neither_counts_nor_clears_failures_of_containerd() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0, failed(t0, ProbeFailure::Timeout));
+        d.observe(t0 + ms(1), failed(t0 + ms(1), ProbeFailure::ObserverSide));
+        d.observe(t0 + ms(2), failed(t0 + ms(2), ProbeFailure::Timeout));
+        assert_eq!(d.state(), State::Suspect);
+        d.observe(t0 + ms(3), failed(t0 + ms(3), ProbeFailure::ObserverSide));
+        let Decision::Act(v) = d.observe(t0 + ms(4), failed(t0 + ms(4), ProbeFailure::Timeout))
+        else {
+            panic!("three timeouts of containerd make a hang");
+        };
+        assert_eq!(v.state, State::Hung);
+        assert_eq!(
+            v.evidence.len(),
+            3,
+            "only containerd's failures are evidence"
+        );
+    }
+
+    #[test]
+    fn a_crash_is_still_a_crash_while_the_observer_is_exhausted() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0, failed(t0, ProbeFailure::ObserverSide));
+        let Decision::Act(v) = d.observe(t0 + ms(1), exit(100, t0 + ms(1))) else {
+            panic!("expected a restart");
+        };
+        assert_eq!(v.state, State::Crashed);
     }
 
     #[test]
@@ -2194,6 +2264,28 @@ mod tests {
             failure: ProbeFailure::Timeout,
             error: "no answer within 3s".into(),
         }
+    }
+
+    /// A deeper layer the observer could not even ask (its own descriptors ran out) is no
+    /// evidence: however long it lasts, containerd is not judged hung for it.
+    #[test]
+    fn a_layer_the_observer_could_not_ask_is_no_evidence() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        for i in 0..100u64 {
+            let t = t0 + ms(i * 1000);
+            let decision = d.observe(
+                t + ms(10),
+                Observation::LayerFailed {
+                    layer: Layer::MetadataRead,
+                    started: t,
+                    failure: ProbeFailure::ObserverSide,
+                    error: "Too many open files (os error 24)".into(),
+                },
+            );
+            assert!(!matches!(decision, Decision::Act(_)), "acted at {i}");
+        }
+        assert_eq!(d.state(), State::Healthy);
     }
 
     fn layer_ok(layer: Layer, latency: Duration) -> Observation {

@@ -20,11 +20,13 @@ use crate::{
     act::systemd::{BusEvent, CALL_DEADLINE, Systemd, UnitStatus},
     config::Settings,
     daemon::health::Health,
+    daemon::limits,
     daemon::notify::Notifier,
     judge::budget::{Allowance, BudgetConfig, RestartBudget},
     judge::cause::{self, SignalRecord},
     judge::detector::{
-        Decision, Detector, DetectorConfig, Observation, ProbeChannel, Source, State, Verdict,
+        Decision, Detector, DetectorConfig, Observation, ProbeChannel, ProbeFailure, Source, State,
+        Verdict,
     },
     judge::latency::LatencyWindow,
     judge::layer::{Layer, Owner},
@@ -32,10 +34,10 @@ use crate::{
     judge::schedule::{Reading, ScheduleWatch},
     report::metrics::{Metrics, state_label},
     report::status::{
-        self, ActionRecord, BlockedRecord, BudgetRecord, BusRecord, Endpoint, ExitRecord,
-        GapRecord, LatencyRecord, LayerProbeRecord, LayerRecord, ObserverRecord, PendingRecord,
-        ProbeRecord, RefreshRequest, RestartRecord, StatusDocument, VerdictRecord, WallClock,
-        millis, push_action, push_bounded,
+        self, ActionRecord, BlockedRecord, BudgetRecord, BusRecord, DegradedRecord, Endpoint,
+        ExitRecord, GapRecord, LatencyRecord, LayerProbeRecord, LayerRecord, ObserverRecord,
+        PendingRecord, ProbeRecord, RefreshRequest, RestartRecord, StatusDocument, VerdictRecord,
+        WallClock, millis, push_action, push_bounded,
     },
     sense::blocked::BlockedSampler,
     sense::kernel::{KernelAccept, KernelEvent, KernelExit},
@@ -91,6 +93,14 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<()> {
+    // Before anything opens a descriptor: the status endpoint sizes its share from it.
+    let nofile = match limits::raise_nofile() {
+        Ok(soft) => Some(soft),
+        Err(e) => {
+            warn!("cannot raise the soft descriptor limit to the hard one ({e})");
+            limits::nofile().ok().map(|(soft, _)| soft)
+        }
+    };
     let listener = tokio::net::TcpListener::bind(settings.status_listen)
         .await
         .with_context(|| {
@@ -200,6 +210,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         socket = %settings.socket.display(),
         bus = %settings.bus,
         mode,
+        nofile,
+        status_connections = nofile.map(status::server::connection_cap),
         "observer started"
     );
 
@@ -1161,6 +1173,26 @@ impl Agent<'_> {
             version: result.outcome.as_ref().ok().cloned(),
             error: result.outcome.as_ref().err().map(|(_, e)| e.clone()),
         };
+        // The observer's own exhaustion is reported as its own, and clears at the next probe
+        // that reached containerd, whatever containerd answered.
+        let degraded = match &result.outcome {
+            Err((ProbeFailure::ObserverSide, why)) => Some(why.clone()),
+            _ => None,
+        };
+        if degraded.is_some() != self.health.degraded().is_some() {
+            match &degraded {
+                Some(why) => warn!("observer degraded, containerd not judged meanwhile: {why}"),
+                None => info!("observer no longer degraded: probes reach containerd again"),
+            }
+            let degraded_record = degraded.as_ref().map(|why| DegradedRecord {
+                since: humantime::format_rfc3339_seconds(result.started_wall).to_string(),
+                reason: why.clone(),
+            });
+            self.status
+                .send_modify(|d| d.observer.degraded = degraded_record);
+        }
+        self.metrics.set_degraded(degraded.is_some());
+        self.health.set_degraded(degraded);
         if channel == ProbeChannel::Open {
             self.status.send_modify(|d| d.open_probe = Some(record));
         } else {
@@ -1172,8 +1204,10 @@ impl Agent<'_> {
                     d.containerd_version = version;
                 }
             });
-            self.budget
-                .observe_health(Instant::now(), result.outcome.is_ok());
+            if !matches!(result.outcome, Err((ProbeFailure::ObserverSide, _))) {
+                self.budget
+                    .observe_health(Instant::now(), result.outcome.is_ok());
+            }
             if result.outcome.is_ok() {
                 self.deferred = None;
             }

@@ -5,7 +5,9 @@
 //! first probe has finished, whatever that probe found: readiness says the observer watches,
 //! not that containerd is well. It is not ready while it cannot reach systemd (it could not
 //! restart anything) or while its configuration keeps it from watching containerd (a
-//! `--socket` where containerd does not answer): in both, the node is not protected.
+//! `--socket` where containerd does not answer): in both, the node is not protected. Nor
+//! while it is degraded: while its own limits (descriptors, memory) keep its probes from
+//! reaching containerd, it does not watch.
 
 use std::{
     sync::{
@@ -32,6 +34,8 @@ pub struct Health {
     first_probe_done: AtomicBool,
     bus_connected: AtomicBool,
     config_problem: Mutex<Option<String>>,
+    /// Why the observer's own probes cannot reach containerd, while they cannot.
+    degraded: Mutex<Option<String>>,
 }
 
 /// Why the agent is not ready, for `/readyz`'s 503 body.
@@ -44,6 +48,10 @@ pub struct NotReady {
     /// A setting that keeps the observer from watching containerd, and how to fix it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config_problem: Option<String>,
+    /// Why the observer cannot do its work on its own account (out of descriptors or
+    /// memory), while it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
 }
 
 impl Health {
@@ -59,6 +67,7 @@ impl Health {
             first_probe_done: AtomicBool::new(false),
             bus_connected: AtomicBool::new(true),
             config_problem: Mutex::new(None),
+            degraded: Mutex::new(None),
         })
     }
 
@@ -113,7 +122,21 @@ impl Health {
             && self.first_probe_done.load(Ordering::Relaxed)
     }
 
-    /// `Ok` when ready; otherwise what the agent still waits for.
+    /// The observer's own limits kept a probe from reaching containerd (`Some(why)`), or a
+    /// probe reached it again (`None`).
+    pub fn set_degraded(&self, why: Option<String>) {
+        *self.degraded.lock().unwrap_or_else(PoisonError::into_inner) = why;
+    }
+
+    /// Why the observer is degraded, while it is.
+    pub fn degraded(&self) -> Option<String> {
+        self.degraded
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// `Ok` when ready; otherwise what the agent still waits for, or why it is degraded.
     pub fn readiness(&self) -> Result<(), NotReady> {
         let mut waiting_for = Vec::new();
         if !self.sensors_started.load(Ordering::Relaxed) {
@@ -130,13 +153,15 @@ impl Health {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        if waiting_for.is_empty() && config_problem.is_none() {
+        let degraded = self.degraded();
+        if waiting_for.is_empty() && config_problem.is_none() && degraded.is_none() {
             Ok(())
         } else {
             Err(NotReady {
                 ready: false,
                 waiting_for,
                 config_problem,
+                degraded,
             })
         }
     }
@@ -173,6 +198,19 @@ mod tests {
         assert!(not_ready.waiting_for.is_empty());
         assert_eq!(not_ready.config_problem.as_deref(), Some("fix --socket"));
         health.set_config_problem(None);
+        assert_eq!(health.readiness(), Ok(()));
+    }
+
+    #[test]
+    fn not_ready_while_degraded_and_ready_again_after() {
+        let health = Health::new();
+        health.sensors_started();
+        health.probe_finished();
+        health.set_degraded(Some("EMFILE".into()));
+        let not_ready = health.readiness().unwrap_err();
+        assert_eq!(not_ready.degraded.as_deref(), Some("EMFILE"));
+        assert!(not_ready.waiting_for.is_empty());
+        health.set_degraded(None);
         assert_eq!(health.readiness(), Ok(()));
     }
 

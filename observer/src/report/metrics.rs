@@ -101,6 +101,10 @@ pub struct Metrics {
     layer_latency: Family<Labels1, Histogram, fn() -> Histogram>,
     layer_probes: Family<Labels2, Counter>,
     blocked_threads: Family<Labels1, Gauge<i64, AtomicI64>>,
+    degraded: Gauge<i64, AtomicI64>,
+    status_connections: Gauge<i64, AtomicI64>,
+    status_connections_shed: Counter,
+    status_accept_errors: Counter,
 }
 
 impl Metrics {
@@ -116,7 +120,7 @@ impl Metrics {
         let probes = Family::<Labels1, Counter>::default();
         registry.register(
             "probes",
-            "Version() probes by result: ok, timeout, refused or error",
+            "Version() probes by result: ok, timeout, refused, error, or observer_side (the observer's own limits kept the probe from containerd; no evidence about it)",
             probes.clone(),
         );
         let accept_latency = Histogram::new(ACCEPT_BUCKETS);
@@ -217,13 +221,37 @@ impl Metrics {
         for owner in ["containerd", "shim"] {
             let _ = blocked_threads.get_or_create(&[("owner", owner.to_owned())]);
         }
+        let degraded = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "degraded",
+            "1 while the observer's own limits (descriptors, memory) keep its probes from reaching containerd, which is then not judged; 0 otherwise",
+            degraded.clone(),
+        );
+        let status_connections = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "status_connections",
+            "Connections open to the status endpoint",
+            status_connections.clone(),
+        );
+        let status_connections_shed = Counter::default();
+        registry.register(
+            "status_connections_shed",
+            "Idle or unfinished connections to the status endpoint closed to make room for a new one at the connection cap",
+            status_connections_shed.clone(),
+        );
+        let status_accept_errors = Counter::default();
+        registry.register(
+            "status_accept_errors",
+            "Connections the status endpoint could not accept (the observer's descriptors ran out)",
+            status_accept_errors.clone(),
+        );
         registry.register(
             "build",
             "The observer's build",
             Info::new([("version", env!("CARGO_PKG_VERSION").to_owned())]),
         );
         // Known label values start at zero, so rates and alerts work before the first event.
-        for result in ["ok", "timeout", "refused", "error"] {
+        for result in ["ok", "timeout", "refused", "error", "observer_side"] {
             let _ = probes.get_or_create(&[("result", result.to_owned())]);
         }
         for s in ALL_STATES {
@@ -261,6 +289,10 @@ impl Metrics {
             layer_latency,
             layer_probes,
             blocked_threads,
+            degraded,
+            status_connections,
+            status_connections_shed,
+            status_accept_errors,
         };
         metrics.set_state(State::Starting);
         metrics
@@ -372,6 +404,27 @@ impl Metrics {
                 .get_or_create(&[("state", state_label(s).to_owned())])
                 .set(i64::from(s == current));
         }
+    }
+
+    /// Whether the observer's own limits keep its probes from containerd.
+    pub fn set_degraded(&self, degraded: bool) {
+        self.degraded.set(i64::from(degraded));
+    }
+
+    /// Connections open to the status endpoint now.
+    pub fn set_status_connections(&self, open: usize) {
+        self.status_connections
+            .set(i64::try_from(open).unwrap_or(i64::MAX));
+    }
+
+    /// A status connection closed to make room at the cap.
+    pub fn status_connection_shed(&self) {
+        self.status_connections_shed.inc();
+    }
+
+    /// A connection the status endpoint could not accept.
+    pub fn status_accept_error(&self) {
+        self.status_accept_errors.inc();
     }
 
     /// The OpenMetrics text exposition, ending in `# EOF`.

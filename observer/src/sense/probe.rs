@@ -6,6 +6,12 @@
 //! handlers. Side by side they tell "the accept loop is behind" from "the handlers are dead".
 //! Each call has its own deadline over the whole exchange: a frozen containerd accepts
 //! connections and never answers.
+//!
+//! A failure is sorted by whose side caused it. Only containerd's side is evidence against
+//! containerd: a refused connection or a missing socket, a timeout while the connection is
+//! open or queued, an error status or a broken connection. A probe that could not even be
+//! sent because the observer itself is out of descriptors or memory, or may not open the
+//! socket, is [`ProbeFailure::ObserverSide`]: the observer is degraded, containerd unjudged.
 
 use std::{
     path::{Path, PathBuf},
@@ -155,6 +161,16 @@ async fn call_version(
         }
     };
     let channel = connected.map_err(|e| {
+        if let Some(errno) = io_error_in(&e).and_then(observer_side) {
+            return (
+                ProbeFailure::ObserverSide,
+                format!(
+                    "the observer could not connect to {} on its own account ({errno}): {}",
+                    socket.display(),
+                    chain(&e)
+                ),
+            );
+        }
         let refused = io_error_in(&e).is_some_and(|io| {
             matches!(
                 io.kind(),
@@ -174,12 +190,40 @@ async fn call_version(
     let reply = VersionClient::new(channel)
         .version(())
         .await
-        .map_err(|status| (ProbeFailure::Error, format!("Version() returned {status}")))?;
+        .map_err(|status| {
+            // A lazily opened stream can still fail on the observer's side inside the call.
+            match io_error_in(&status).and_then(observer_side) {
+                Some(errno) => (
+                    ProbeFailure::ObserverSide,
+                    format!("Version() could not be sent ({errno}): {}", chain(&status)),
+                ),
+                None => (ProbeFailure::Error, format!("Version() returned {status}")),
+            }
+        })?;
     Ok(reply.into_inner().version)
 }
 
+/// The name of an error that comes from the observer's own state rather than containerd's:
+/// its descriptors or memory ran out, or it may not open the socket. `None` for any other.
+pub fn observer_side(io: &std::io::Error) -> Option<&'static str> {
+    if io.kind() == std::io::ErrorKind::OutOfMemory {
+        return Some("ENOMEM");
+    }
+    match io.raw_os_error()? {
+        libc::EMFILE => Some("EMFILE"),
+        libc::ENFILE => Some("ENFILE"),
+        libc::ENOMEM => Some("ENOMEM"),
+        libc::ENOBUFS => Some("ENOBUFS"),
+        libc::EACCES => Some("EACCES"),
+        libc::EPERM => Some("EPERM"),
+        _ => None,
+    }
+}
+
 /// The first I/O error in an error's chain of sources.
-fn io_error_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+pub(crate) fn io_error_in<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a std::io::Error> {
     let mut current = Some(e);
     while let Some(err) = current {
         if let Some(io) = err.downcast_ref::<std::io::Error>() {
@@ -223,6 +267,97 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         let missing = probe_version(&dir.join("missing.sock"), Duration::from_secs(1)).await;
         assert!(matches!(missing.outcome, Err((ProbeFailure::Refused, _))));
+    }
+
+    /// Sets the soft `RLIMIT_NOFILE` of this test process for as long as it lives, and
+    /// restores the old limit on drop.
+    struct NofileLimit(libc::rlimit);
+
+    impl NofileLimit {
+        fn set_soft(soft: libc::rlim_t) -> Self {
+            let mut old = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: plain getrlimit/setrlimit on valid structs.
+            unsafe {
+                assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut old), 0);
+                let new = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: old.rlim_max,
+                };
+                assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &raw const new), 0);
+            }
+            Self(old)
+        }
+    }
+
+    impl Drop for NofileLimit {
+        fn drop(&mut self) {
+            // SAFETY: restores the limit read in `set_soft`.
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const self.0) };
+        }
+    }
+
+    /// Runs in a child process of its own (this test binary, asked for this test alone), so
+    /// that using up the descriptors starves no other test.
+    #[test]
+    fn running_out_of_descriptors_is_the_observers_fault_not_containerds() {
+        const CHILD: &str = "OBSERVER_TEST_EMFILE_CHILD";
+        const NAME: &str = "sense::probe::tests::running_out_of_descriptors_is_the_observers_fault_not_containerds";
+        if std::env::var_os(CHILD).is_none() {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", NAME, "--nocapture", "--test-threads=1"])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{text}");
+            assert!(text.contains("1 passed"), "the child ran the test: {text}");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("observer-probe-e-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("healthy.sock");
+        let _ = std::fs::remove_file(&path);
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Use up every descriptor below a low soft limit, as a flood of connections would.
+        let limit = NofileLimit::set_soft(64);
+        let mut hog = Vec::new();
+        while let Ok(f) = std::fs::File::open("/dev/null") {
+            hog.push(f);
+        }
+        let result = rt.block_on(probe_version(&path, Duration::from_secs(1)));
+        drop(hog);
+        drop(limit);
+        match &result.outcome {
+            Err((ProbeFailure::ObserverSide, detail)) => {
+                assert!(detail.contains("EMFILE"), "{detail}");
+            }
+            other => panic!("expected an observer-side failure, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn only_the_observers_own_limits_are_its_side() {
+        use std::io::Error;
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::ENOBUFS] {
+            assert!(observer_side(&Error::from_raw_os_error(errno)).is_some());
+        }
+        for errno in [
+            libc::ECONNREFUSED,
+            libc::ENOENT,
+            libc::ECONNRESET,
+            libc::EPIPE,
+        ] {
+            assert_eq!(observer_side(&Error::from_raw_os_error(errno)), None);
+        }
     }
 
     /// A listening socket with a backlog of `backlog`, made with libc (std's is 128).

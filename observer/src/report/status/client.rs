@@ -57,6 +57,9 @@ impl FetchError {
 /// How long `observer status` waits to connect and then for the whole answer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most bytes read of an answer's body. The status document is a few KiB; whatever listens on
+/// the port may not be the agent, and must not make `observer status` eat the node's memory.
+pub const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 
 /// Fetches the status document from a running agent (for `observer status`).
 pub async fn fetch(target: &StatusTarget) -> Result<String, FetchError> {
@@ -158,7 +161,19 @@ pub async fn get_status(
                 status_line: format!("{:?} {}", response.version(), response.status()),
             });
         }
-        let body = response.into_body().collect().await.map_err(failed)?;
+        let body = http_body_util::Limited::new(response.into_body(), MAX_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| match e.downcast::<hyper::Error>() {
+                Ok(e) => failed(*e),
+                Err(_) => FetchError::Io {
+                    target: target.clone(),
+                    source: std::io::Error::other(format!(
+                        "the answer is longer than {} MiB, which no status document is; is another program listening there?",
+                        MAX_ANSWER_BYTES >> 20
+                    )),
+                },
+            })?;
         Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
     };
     tokio::pin!(exchange);
@@ -328,6 +343,14 @@ mod tests {
 
         let body = with_server(Some(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\n{}")).unwrap();
         assert_eq!(body, "{}");
+    }
+
+    #[test]
+    fn an_endless_answer_is_cut_off_with_an_error() {
+        let mut answer = b"HTTP/1.0 200 OK\r\n\r\n".to_vec();
+        answer.resize(answer.len() + MAX_ANSWER_BYTES + 1, b'a');
+        let err = read_answer(&answer).unwrap_err();
+        assert!(err.to_string().contains("longer than 16 MiB"), "{err}");
     }
 
     #[test]

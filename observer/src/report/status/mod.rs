@@ -135,6 +135,16 @@ pub struct ObserverRecord {
     /// Gaps in the observer's own scheduling so far (a late tick, a suspended machine).
     pub scheduling_gaps: u64,
     pub last_scheduling_gap: Option<GapRecord>,
+    /// Set while the observer's own limits (descriptors, memory) keep its probes from
+    /// reaching containerd: containerd is not judged meanwhile.
+    pub degraded: Option<DegradedRecord>,
+}
+
+/// Why and since when the observer is degraded.
+#[derive(Debug, Clone, Serialize)]
+pub struct DegradedRecord {
+    pub since: String,
+    pub reason: String,
 }
 
 /// A stretch in which the observer itself did not run; what expired across it was discarded.
@@ -157,6 +167,7 @@ impl ObserverRecord {
             started_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             scheduling_gaps: 0,
             last_scheduling_gap: None,
+            degraded: None,
         }
     }
 }

@@ -60,6 +60,16 @@ pub fn summary(doc: &serde_json::Value, colour: bool, now: SystemTime) -> String
         text(&doc["observer"]["pid"]),
         text(&doc["observer"]["version"]),
     );
+    let degraded = &doc["observer"]["degraded"];
+    if degraded.is_object() {
+        let _ = writeln!(
+            out,
+            "            {} since {}: {}",
+            paint("1;31", "degraded"),
+            ago(&degraded["since"]),
+            text(&degraded["reason"]),
+        );
+    }
     let probe = &doc["last_probe"];
     if probe.is_object() {
         let result = text(&probe["result"]);

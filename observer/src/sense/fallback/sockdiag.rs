@@ -437,6 +437,19 @@ fn malformed(offset: usize, reason: impl std::fmt::Display) -> SockDiagError {
     }
 }
 
+/// Parses one reply datagram as [`sample_listener`] does, for the fuzz targets. The sequence
+/// number is read from the first message, so that any input reaches the message parsers.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn parse_reply(datagram: &[u8]) {
+    let seq = datagram
+        .get(8..12)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_ne_bytes);
+    let mut entries = Vec::new();
+    let _ = parse_datagram(datagram, seq, &mut entries);
+    let _ = select_listeners(&entries, &[b"/run/containerd/containerd.sock"]);
+}
+
 /// Parses one netlink datagram of a sock_diag dump answering request `seq`, appending each
 /// unix socket to `out`. Returns whether the dump is complete (`NLMSG_DONE`); messages for
 /// another sequence number, and of types a dump does not send, are skipped. Pure: everything

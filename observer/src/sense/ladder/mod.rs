@@ -127,6 +127,7 @@ impl LayerOutcome {
             LayerOutcome::Failed(ProbeFailure::Timeout, _) => "timeout",
             LayerOutcome::Failed(ProbeFailure::Refused, _) => "refused",
             LayerOutcome::Failed(ProbeFailure::Error, _) => "error",
+            LayerOutcome::Failed(ProbeFailure::ObserverSide, _) => "observer_side",
         }
     }
 }
@@ -181,8 +182,17 @@ impl Ladder {
         let channel = containerd_client::connect(&self.socket)
             .await
             .map_err(|e| {
+                // The observer's own exhaustion is no evidence against containerd.
+                let failure = if crate::sense::probe::io_error_in(&e)
+                    .and_then(crate::sense::probe::observer_side)
+                    .is_some()
+                {
+                    ProbeFailure::ObserverSide
+                } else {
+                    ProbeFailure::Refused
+                };
                 LayerOutcome::Failed(
-                    ProbeFailure::Refused,
+                    failure,
                     format!("cannot connect to {}: {e}", self.socket.display()),
                 )
             })?;
@@ -333,6 +343,14 @@ fn classify(layer: Layer, status: &tonic::Status) -> LayerOutcome {
     if status.code() == Code::Unimplemented && matches!(layer, Layer::Cri | Layer::Sandboxes) {
         return LayerOutcome::Unsupported(
             "containerd does not serve the CRI API (Unimplemented): its CRI plugin is not loaded (disabled_plugins, or it failed to load: see containerd's log)".into(),
+        );
+    }
+    if let Some(errno) =
+        crate::sense::probe::io_error_in(status).and_then(crate::sense::probe::observer_side)
+    {
+        return LayerOutcome::Failed(
+            ProbeFailure::ObserverSide,
+            format!("{} could not be sent ({errno}): {status}", layer.call()),
         );
     }
     let refused = status.code() == Code::Unavailable

@@ -1,0 +1,4 @@
+//! Bytes in, observer::fuzzing::status_response out: see that function for what the bytes stand for.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| observer::fuzzing::status_response(data));
