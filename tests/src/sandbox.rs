@@ -55,7 +55,10 @@ const RESTART_POLICIES: [&str; 7] = [
 /// The longest path a unix socket can bind (`sun_path` is 108 bytes with its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 /// The manager's private socket appears in about 0.1 s; this bounds a broken start.
-const MANAGER_START_TIMEOUT: Duration = Duration::from_secs(10);
+const MANAGER_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long containerd may take to get a main PID and its socket. Bounds only: on a loaded
+/// 2-core machine a start that takes 100 ms alone can take seconds.
+const CONTAINERD_START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bounds one systemctl call. `start` waits for the unit, which `TimeoutStartSec` bounds.
 const SYSTEMCTL_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
@@ -684,15 +687,15 @@ exec "$systemd" --user"#;
                 details: self.diagnostics(),
             });
         }
-        self.wait_for_pid(None, Duration::from_secs(10))?;
+        self.wait_for_pid(None, CONTAINERD_START_TIMEOUT)?;
         if wait_for_socket {
             let socket = self.socket.clone();
-            process::poll(Duration::from_secs(10), POLL_INTERVAL, || {
+            process::poll(CONTAINERD_START_TIMEOUT, POLL_INTERVAL, || {
                 socket.exists().then_some(())
             })
             .ok_or_else(|| SandboxError::Timeout {
                 what: format!("containerd's socket {}", socket.display()),
-                waited: Duration::from_secs(10),
+                waited: CONTAINERD_START_TIMEOUT,
                 details: self.diagnostics(),
             })?;
         }
