@@ -148,14 +148,21 @@ mod tests {
             .spawn()
             .expect("spawn sleep");
         let t0 = Instant::now();
-        let main = ProcessIdentity::of(child.id()).expect("its /proc entry");
-        let mut old = OldProcess::pin(main, t0).expect("a pidfd");
+        // A process just spawned is still starting (exec, loading): it makes progress until it
+        // settles in its sleep. Pin it again until two samples agree.
+        let mut old = None;
+        for _ in 0..100 {
+            let main = ProcessIdentity::of(child.id()).expect("its /proc entry");
+            let mut pinned = OldProcess::pin(main, t0).expect("a pidfd");
+            std::thread::sleep(Duration::from_millis(50));
+            // The clock is the caller's: the same unchanged process, a second later.
+            if pinned.observe(t0 + Duration::from_secs(1)) == Duration::from_secs(1) {
+                old = Some(pinned);
+                break;
+            }
+        }
+        let mut old = old.expect("a sleeping process settles and shows no progress");
         assert_eq!(old.last().map(|s| s.threads), Some(1));
-        // The clock is the caller's: the same unchanged process, a second later.
-        assert_eq!(
-            old.observe(t0 + Duration::from_secs(1)),
-            Duration::from_secs(1)
-        );
         assert!(old.kill().expect("SIGKILL"));
         child.wait().expect("reap");
         assert!(old.exited());
