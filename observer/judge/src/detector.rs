@@ -763,15 +763,12 @@ impl Detector {
                         self.enter_overload(now, stall);
                         return self.hang_past_horizon(now);
                     }
-                    let dead = Evidence {
-                        source: stall.source,
-                        at: now,
-                        detail: format!(
-                            "containerd accepted no connection for {:.1} s while connections waited, though it answers on an open connection: its accept loop is dead",
-                            silent_for.as_secs_f64()
-                        ),
-                    };
-                    return self.judge_bad(now, State::Hung, stall.at, vec![stall, dead, evidence]);
+                    let mut stall = stall;
+                    stall.detail.push_str(&format!(
+                        "; none accepted for {:.1} s though containerd answers on an open connection: its accept loop is dead",
+                        silent_for.as_secs_f64()
+                    ));
+                    return self.judge_bad(now, State::Hung, stall.at, vec![stall, evidence]);
                 }
                 return self.judge_bad(now, State::Hung, stall.at, vec![stall, evidence]);
             }
