@@ -317,11 +317,25 @@ fn a_startup_hang_gets_one_restart_then_is_reported_with_the_dump() {
                 .contains("has not served its socket")),
         "{doc}"
     );
-    // One restart, with the goroutine dump asked for before it.
+    // One restart for the startup hang, with the goroutine dump asked for before it. The
+    // restarted process may also exit at once (status 1) before it hangs again: that is a
+    // crash, restarted once within the budget, never a loop (seen once in CI).
     let restarts = items(&doc, "restarts");
-    assert_eq!(restarts.len(), 1, "{doc}");
-    assert_eq!(restarts[0]["reason"], "startup_hung", "{doc}");
-    assert!(restarts[0]["stack_dump"].is_string(), "{doc}");
+    let for_the_hang: Vec<&Value> = restarts
+        .iter()
+        .filter(|r| r["reason"] == "startup_hung")
+        .collect();
+    assert_eq!(for_the_hang.len(), 1, "{doc}");
+    assert!(for_the_hang[0]["stack_dump"].is_string(), "{doc}");
+    assert!(
+        restarts.len() <= 2
+            && restarts
+                .iter()
+                .all(|r| ["startup_hung", "crashed"]
+                    .contains(&r["reason"].as_str().unwrap_or_default())),
+        "{doc}"
+    );
+    let restarts_at_report = restarts.len();
     let report = items(&doc, "actions")
         .iter()
         .find(|a| a["action"] == "report_with_dump")
@@ -335,13 +349,17 @@ fn a_startup_hang_gets_one_restart_then_is_reported_with_the_dump() {
     while started.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(500));
         let doc = observer.status().unwrap();
-        assert_eq!(items(&doc, "restarts").len(), 1, "restarted again: {doc}");
+        assert_eq!(
+            items(&doc, "restarts").len(),
+            restarts_at_report,
+            "restarted again: {doc}"
+        );
     }
     let states = verdict_states(&observer.status().unwrap());
     assert!(
         states
             .iter()
-            .all(|s| ["startup_hung", "suspect"].contains(&s.as_str())),
+            .all(|s| ["startup_hung", "suspect", "crashed"].contains(&s.as_str())),
         "{states:?}"
     );
     drop(hang);
