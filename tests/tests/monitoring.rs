@@ -338,6 +338,9 @@ fn alerts_fire_on_series_scraped_through_a_crash_and_a_freeze() {
                 {"eval_time": at, "alertname": "ContainerdRestartFailed", "exp_alerts": []},
                 {"eval_time": at, "alertname": "ContainerdRestartsGivenUp", "exp_alerts": []},
                 {"eval_time": at, "alertname": "ContainerdNotServing", "exp_alerts": []},
+                {"eval_time": at, "alertname": "ContainerdStorageStalled", "exp_alerts": []},
+                {"eval_time": at, "alertname": "ContainerdShimHung", "exp_alerts": []},
+                {"eval_time": at, "alertname": "ContainerdStartupHang", "exp_alerts": []},
                 {"eval_time": at, "alertname": "ContainerdObserverNotReady", "exp_alerts": []},
                 // A minute without the bus fires; once it is back, it clears.
                 {"eval_time": cut_off_at, "alertname": "ContainerdObserverCutOffFromBus", "exp_alerts": [

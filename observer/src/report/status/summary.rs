@@ -87,6 +87,45 @@ pub fn summary(doc: &serde_json::Value, colour: bool, now: SystemTime) -> String
     } else {
         let _ = writeln!(out, "last probe  none yet");
     }
+    // The ladder on one line: a layer that is not `ok` says so in red, with its detail.
+    let layers: Vec<String> = doc["layers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["state"] == "on")
+        .map(|l| {
+            let name = text(&l["layer"]);
+            let last = &l["last"];
+            if !last.is_object() {
+                return format!("{name} -");
+            }
+            let result = text(&last["result"]);
+            let detail = last["detail"]
+                .as_str()
+                .filter(|d| result != "ok" && !d.is_empty())
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default();
+            format!(
+                "{name} {} {} ms{detail}",
+                paint(state_colour(&result), &result),
+                text(&last["latency_ms"]),
+            )
+        })
+        .collect();
+    if !layers.is_empty() {
+        let _ = writeln!(out, "layers      {}", layers.join(", "));
+    }
+    let blocked = doc["blocked"]["threads"].as_array().map_or(0, Vec::len);
+    if blocked > 0 {
+        let _ = writeln!(
+            out,
+            "blocked     {} via {}, first in {} ({})",
+            paint("1;31", &format!("{blocked} thread(s) in D state")),
+            text(&doc["blocked"]["source"]),
+            text(&doc["blocked"]["threads"][0]["wchan"]),
+            text(&doc["blocked"]["pressure"]),
+        );
+    }
     if let Some(sensors) = doc["sensors"].as_object() {
         for (i, (name, sensor)) in sensors.iter().enumerate() {
             let state = text(&sensor["state"]);
@@ -167,6 +206,12 @@ mod tests {
                 "accept_queue": { "state": "fallback", "hook": "sock_diag", "reason": "no BTF" }
             },
             "last_probe": { "at": "2030-01-01T00:00:00Z", "result": "refused", "latency_ms": 0.2, "error": "cannot connect" },
+            "layers": [
+                { "layer": "cri", "state": "on", "last": { "result": "ok", "latency_ms": 1.5, "detail": "ready" } },
+                { "layer": "metadata_write", "state": "on", "last": { "result": "timeout", "latency_ms": 2000.0, "detail": "no answer within 2s" } },
+                { "layer": "snapshots", "state": "off", "last": null }
+            ],
+            "blocked": { "source": "procfs", "threads": [{ "tid": 50, "wchan": "percpu_rwsem_wait" }], "pressure": "io some avg10=40.00" },
             "verdicts": [{ "at": "2030-01-01T00:00:00Z", "state": "crashed", "pid": 41,
                            "detection_latency_ms": 0.1, "evidence": [{ "detail": "killed by SIGKILL" }] }],
             "actions": [{ "at": "2030-01-01T00:00:01Z", "action": "restart", "reason": "crashed",
@@ -182,6 +227,8 @@ mod tests {
             "containerd  crashed  containerd.service pid 41 version 1.6.20",
             "observer    pid 7 version 0.1.0, fused, paused",
             "last probe  refused in 0.2 ms, 5s ago: cannot connect",
+            "layers      cri ok 1.5 ms, metadata_write timeout 2000.0 ms (no answer within 2s)",
+            "blocked     1 thread(s) in D state via procfs, first in percpu_rwsem_wait (io some avg10=40.00)",
             "sensors     accept_queue  fallback via sock_diag (no BTF)",
             "            process_exit  on       via sched_process_exit",
             "verdict     crashed 5s ago, pid 41, detected in 0.1 ms: killed by SIGKILL",
