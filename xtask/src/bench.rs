@@ -27,14 +27,29 @@ pub struct BenchOptions {
     pub zoo_trials: usize,
     pub zoo_reference_trials: usize,
     pub zoo_only: bool,
+    /// Names of the zoo faults to run; empty: all.
+    pub zoo_faults: Vec<String>,
     pub quick: bool,
     /// Seconds each fuzz target runs after the measurements (`cargo xtask fuzz`); 0: none.
     pub fuzz_seconds: u64,
 }
 
 pub fn bench(opts: BenchOptions) -> Result<ExitCode> {
+    let faults = opts
+        .zoo_faults
+        .iter()
+        .map(|name| {
+            bench::Fault::from_name(name).with_context(|| {
+                let known: Vec<&str> = bench::Fault::ALL.iter().map(|f| f.name()).collect();
+                format!(
+                    "--zoo-faults: no fault {name:?}; the zoo has {}",
+                    known.join(", ")
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     prepare_observer()?;
-    let plan = if opts.quick {
+    let mut plan = if opts.quick {
         BenchPlan::quick()
     } else {
         BenchPlan {
@@ -45,8 +60,12 @@ pub fn bench(opts: BenchOptions) -> Result<ExitCode> {
             ..BenchPlan::full(opts.trials)
         }
     };
-    if plan.zoo_only {
-        return bench_zoo(&plan);
+    let subset = !faults.is_empty() && faults.len() < bench::Fault::ALL.len();
+    if !faults.is_empty() {
+        plan.faults = faults;
+    }
+    if plan.zoo_only || subset {
+        return bench_zoo(&plan, subset);
     }
     if plan.trials == 0 {
         bail!("--trials 0 measures nothing: give at least 1");
@@ -130,8 +149,10 @@ pub fn bench(opts: BenchOptions) -> Result<ExitCode> {
     }
 }
 
-/// `--zoo-only`: the zoo alone, written to its own blocks and `benchmarks/zoo.json`.
-fn bench_zoo(plan: &BenchPlan) -> Result<ExitCode> {
+/// `--zoo-only`: the zoo alone, written to its own blocks and `benchmarks/zoo.json`; a
+/// `subset` of its faults to target/bench/zoo-subset.md instead, so that a partial table
+/// never replaces the whole one.
+fn bench_zoo(plan: &BenchPlan, subset: bool) -> Result<ExitCode> {
     println!(
         "{TAG} bench --zoo-only: {} fault(s), {} trial(s) each for fused and polling-only, {} for each reference",
         plan.faults.len(),
@@ -145,9 +166,16 @@ fn bench_zoo(plan: &BenchPlan) -> Result<ExitCode> {
         "results": results,
     }))
     .context("could not serialise the results")?;
-    write(&workspace_root().join("benchmarks/zoo.json"), &json)?;
     let zoo = zoo_table(&results, &command);
-    write_zoo(&zoo)?;
+    if subset {
+        let dir = target_dir().join("bench");
+        fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;
+        write(&dir.join("zoo-subset.json"), &json)?;
+        write(&dir.join("zoo-subset.md"), &zoo)?;
+    } else {
+        write(&workspace_root().join("benchmarks/zoo.json"), &json)?;
+        write_zoo(&zoo)?;
+    }
     println!("{zoo}");
     let failed: Vec<String> = results
         .zoo_trials
@@ -258,19 +286,29 @@ fn zoo_table(results: &BenchResults, command: &str) -> String {
 }
 
 fn zoo_cell(r: &bench::zoo::ZooRow) -> String {
+    use bench::zoo::Remedy;
     let done = r.trials - r.failed;
-    if !r.fault.restart_is_right() {
+    let right = if r.right == done { "✓" } else { "✗" };
+    let acted = if r.acted == 0 && r.right == done && r.fault.remedy() == Remedy::Restart {
+        "did not act, left to systemd's `Restart=`".to_owned()
+    } else if r.acted == 0 {
+        "did not act".to_owned()
+    } else if r.most_actions > 1 {
+        format!("acted {}/{done}, up to {} times", r.acted, r.most_actions)
+    } else {
+        format!("acted {}/{done}", r.acted)
+    };
+    let wrong = if r.wrong_verdicts > 0 {
+        format!(" (wrong verdict in {})", r.wrong_verdicts)
+    } else {
+        String::new()
+    };
+    if r.fault.remedy() == Remedy::Nothing {
         // Nothing is wrong with containerd: the right verdict is none, and no action.
         let verdict = match r.fault_to_verdict_ms {
             None => "no verdict".to_owned(),
             Some(s) => format!("{} after {}", r.verdicts.join(", "), ms(s.median)),
         };
-        let acted = if r.acted == 0 {
-            "did not act".to_owned()
-        } else {
-            format!("acted {}/{done}", r.acted)
-        };
-        let right = if r.right == done { "✓" } else { "✗" };
         return format!("{verdict}; {acted} {right}");
     }
     let verdict = match r.fault_to_verdict_ms {
@@ -278,20 +316,16 @@ fn zoo_cell(r: &bench::zoo::ZooRow) -> String {
         Some(s) => format!("{} ({} never)", ms(s.median), r.never_verdict),
         None => "never".to_owned(),
     };
-    let acted = if r.acted == 0 && r.right == done {
-        "did not act, left to systemd's `Restart=`".to_owned()
-    } else if r.acted == 0 {
-        "did not act".to_owned()
-    } else {
-        format!("acted {}/{done}", r.acted)
-    };
-    let right = if r.right == done { "✓" } else { "✗" };
+    if r.fault.remedy() != Remedy::Restart {
+        // A report is the remedy (after one restart, for a startup hang): no recovery time.
+        return format!("{verdict}{wrong}; {acted} {right}");
+    }
     let recovery = match r.fault_to_recovery_ms {
         Some(s) if r.never_recovered == 0 => ms(s.median),
         Some(s) => format!("{} ({} never)", ms(s.median), r.never_recovered),
         None => "never".to_owned(),
     };
-    format!("{verdict}; {acted} {right}; back in {recovery}")
+    format!("{verdict}{wrong}; {acted} {right}; back in {recovery}")
 }
 
 /// Root, the release observer built, and `OBSERVER_BIN` pointing at it for the harness.

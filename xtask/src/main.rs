@@ -89,6 +89,10 @@ enum Task {
         /// benchmarks/zoo.json, and leaves the other figures alone.
         #[arg(long)]
         zoo_only: bool,
+        /// Only these zoo faults, comma-separated (e.g. storage-stall,hung-shim); the table
+        /// then goes to target/bench/zoo-subset.md and leaves BENCHMARKS.md alone [default: all]
+        #[arg(long, value_delimiter = ',', value_name = "FAULTS")]
+        zoo_faults: Vec<String>,
         /// One trial each, short windows, no reference: checks that everything runs in about
         /// a minute, and writes to target/bench/ instead of BENCHMARKS.md.
         #[arg(long)]
@@ -182,6 +186,7 @@ fn main() -> ExitCode {
             zoo_trials,
             zoo_reference_trials,
             zoo_only,
+            zoo_faults,
             quick,
             fuzz_seconds,
         } => bench::bench(bench::BenchOptions {
@@ -190,6 +195,7 @@ fn main() -> ExitCode {
             zoo_trials,
             zoo_reference_trials,
             zoo_only,
+            zoo_faults,
             quick,
             fuzz_seconds,
         }),

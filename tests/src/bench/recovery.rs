@@ -108,6 +108,8 @@ impl Config {
         match self {
             Config::Fused => &[],
             Config::PollingOnly => &["--no-ebpf"],
+            // Gardener's agent calls `Version()` and nothing else: no deeper layer, and no
+            // D-state sampling (a threshold no stall reaches).
             Config::GardenerLike => &[
                 "--no-ebpf",
                 "--probe-interval",
@@ -116,6 +118,10 @@ impl Config {
                 "29s",
                 "--failures-to-hang",
                 "2",
+                "--probes",
+                "version",
+                "--blocked-threshold",
+                "24h",
             ],
         }
     }

@@ -1,7 +1,13 @@
-//! The fault zoo as a benchmark: every fault of [`crate::fault`] (and the crash, freeze and
-//! wedged stop of [`super::recovery`]) against four watchdogs, each timed the same way:
-//! from the fault to the watchdog's verdict, whether it acted, whether acting was right, and
-//! from the fault to the first `Version()` a new containerd answers.
+//! The fault zoo as a benchmark: every fault of [`crate::fault`] and [`crate::inject`] (and
+//! the crash, freeze and wedged stop of [`super::recovery`]) against four watchdogs, each
+//! timed the same way: from the fault to the watchdog's right verdict, whether it acted,
+//! whether acting was right, and from the fault to the first `Version()` a new containerd
+//! answers where a restart is the remedy.
+//!
+//! What is right differs by fault ([`Remedy`]): one restart for a containerd that died or
+//! hung; a report and no restart for a storage stall or a hung shim (a restart does not
+//! help, and can hurt); one restart and then a report for a startup hang (every restart
+//! hangs the same way); nothing at all for a fault of the observer's surroundings.
 //!
 //! The watchdogs:
 //! - the observer, fused (default) and polling-only, and as the Gardener-like reference
@@ -37,11 +43,13 @@ use super::{
     Summary, parse_rfc3339,
     recovery::{
         Config, LOG_ARGS, RECOVERY_TIMEOUT, Scenario, child_named, first_answer, random_below,
-        wait_for_verdict,
     },
     summarize, wall_ms,
 };
-use crate::{Observer, Sandbox, SandboxOptions, cri::list_pod_sandbox, fault, signal};
+use crate::{
+    Container, FrozenRoot, Observer, Sandbox, SandboxOptions, StartupHang, StoppedShim,
+    cri::list_pod_sandbox, fault, signal,
+};
 
 /// A fault of the zoo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -66,10 +74,33 @@ pub enum Fault {
     BusRestart,
     /// systemd re-executes itself (`systemctl daemon-reexec`).
     DaemonReexec,
+    /// containerd's root filesystem frozen (`fsfreeze` of the sandbox's loop mount): its
+    /// writes block in D state while `Version()` answers.
+    StorageStall,
+    /// One container's shim stopped (`SIGSTOP`): containerd answers, its calls to the shim
+    /// do not return.
+    HungShim,
+    /// containerd started while its metadata database's lock is held: it runs and never
+    /// serves its socket, and every restart hangs the same way (containerd #13848).
+    StartupHang,
+}
+
+/// What a careful operator does about a fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Remedy {
+    /// One restart of containerd.
+    Restart,
+    /// Report it, restart nothing.
+    Report,
+    /// One restart (it may have been a one-off), then report it and restart no more.
+    OneRestartThenReport,
+    /// Nothing: containerd never noticed.
+    Nothing,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 9] = [
+    pub const ALL: [Fault; 12] = [
         Fault::Crash,
         Fault::OomKill,
         Fault::Freeze,
@@ -77,9 +108,35 @@ impl Fault {
         Fault::FdExhaustion,
         Fault::Wedge,
         Fault::SocketRemoved,
+        Fault::StorageStall,
+        Fault::HungShim,
+        Fault::StartupHang,
         Fault::BusRestart,
         Fault::DaemonReexec,
     ];
+
+    /// The name `--zoo-faults` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Crash => "crash",
+            Fault::OomKill => "oom-kill",
+            Fault::Freeze => "freeze",
+            Fault::CgroupFreeze => "cgroup-freeze",
+            Fault::FdExhaustion => "fd-exhaustion",
+            Fault::Wedge => "wedge",
+            Fault::SocketRemoved => "socket-removed",
+            Fault::StorageStall => "storage-stall",
+            Fault::HungShim => "hung-shim",
+            Fault::StartupHang => "startup-hang",
+            Fault::BusRestart => "bus-restart",
+            Fault::DaemonReexec => "daemon-reexec",
+        }
+    }
+
+    /// The fault `name` names.
+    pub fn from_name(name: &str) -> Option<Fault> {
+        Fault::ALL.into_iter().find(|f| f.name() == name)
+    }
 
     pub fn label(self) -> &'static str {
         match self {
@@ -92,30 +149,62 @@ impl Fault {
             Fault::SocketRemoved => "socket file removed",
             Fault::BusRestart => "D-Bus restarted (5 s outage)",
             Fault::DaemonReexec => "systemd daemon-reexec",
+            Fault::StorageStall => "storage stall (fsfreeze of containerd's root)",
+            Fault::HungShim => "hung shim (SIGSTOP of one shim)",
+            Fault::StartupHang => "startup hang (metadata lock held at start)",
         }
     }
 
-    /// Whether a restart of containerd is the remedy: yes for every fault of containerd
-    /// here (it binds its socket anew at start, so even a removed socket file is cured by
-    /// one); no for a fault of the observer's surroundings, which containerd never noticed.
-    pub fn restart_is_right(self) -> bool {
-        !matches!(self, Fault::BusRestart | Fault::DaemonReexec)
+    /// What is right: a restart for every fault of containerd's own process (it binds its
+    /// socket anew at start, so even a removed socket file is cured by one); a report for a
+    /// stall below it or in one shim; one restart then a report for a startup hang; nothing
+    /// for a fault of the observer's surroundings, which containerd never noticed.
+    pub fn remedy(self) -> Remedy {
+        match self {
+            Fault::BusRestart | Fault::DaemonReexec => Remedy::Nothing,
+            Fault::StorageStall | Fault::HungShim => Remedy::Report,
+            Fault::StartupHang => Remedy::OneRestartThenReport,
+            _ => Remedy::Restart,
+        }
     }
 
-    /// How long to watch for a verdict, when no verdict is the right outcome.
-    fn quiet_window(config: Option<Config>) -> Duration {
-        match config {
-            Some(Config::GardenerLike) => Duration::from_secs(70),
-            _ => Duration::from_secs(15),
+    /// The observer's verdicts that are right for this fault. The other bad ones are
+    /// watched for too, and recorded when they come instead.
+    pub fn right_verdicts(self) -> &'static [&'static str] {
+        match self.remedy() {
+            Remedy::Restart => &["crashed", "hung", "unreachable"],
+            Remedy::Nothing => &[],
+            Remedy::Report if self == Fault::StorageStall => &["storage_stalled"],
+            Remedy::Report => &["degraded"],
+            Remedy::OneRestartThenReport => &["startup_hung"],
+        }
+    }
+
+    /// How long to watch for a verdict where no restart is the remedy (a report-only fault
+    /// is held this long too, and then undone, to see that no restart comes).
+    fn quiet_window(self, config: Option<Config>) -> Duration {
+        match (self.remedy(), config) {
+            (_, Some(Config::GardenerLike)) => Duration::from_secs(70),
+            (Remedy::Nothing, _) => Duration::from_secs(15),
+            _ => Duration::from_secs(30),
         }
     }
 
     fn sandbox_options(self) -> SandboxOptions {
         let base = match self {
             Fault::Wedge => Scenario::Wedge.sandbox_options(),
+            Fault::StorageStall => SandboxOptions::new().root_on_loop_fs(256),
             _ => SandboxOptions::new(),
         };
         base.service_extra("TimeoutStopSec=90s")
+    }
+
+    /// What must exist before the fault: the container whose shim is stopped.
+    fn prepare(self, sandbox: &Sandbox) -> Result<Option<Container>, String> {
+        match self {
+            Fault::HungShim => sandbox.run_container().map(Some).map_err(|e| e.to_string()),
+            _ => Ok(None),
+        }
     }
 
     /// Faults after which nothing can queue on containerd's listener: our own `Version()`
@@ -125,8 +214,13 @@ impl Fault {
     }
 
     /// Injects the fault into `target` (containerd's process) and returns the guard that
-    /// undoes it.
-    fn inject(self, sandbox: &Sandbox, target: u32) -> Result<Injected, String> {
+    /// undoes it; `prepared` is what [`Fault::prepare`] made.
+    fn inject(
+        self,
+        sandbox: &Sandbox,
+        target: u32,
+        prepared: Option<Container>,
+    ) -> Result<Injected, String> {
         let e = |e: crate::SandboxError| e.to_string();
         Ok(match self {
             Fault::Crash => {
@@ -162,6 +256,13 @@ impl Fault {
                 sandbox.systemctl(&["daemon-reexec"]).map_err(e)?;
                 Injected::Nothing
             }
+            Fault::StorageStall => Injected::Storage(sandbox.freeze_root().map_err(e)?),
+            Fault::HungShim => {
+                let container = prepared.ok_or("no container to stop the shim of")?;
+                let stopped = container.stop_shim().map_err(e)?;
+                Injected::Shim(stopped, container)
+            }
+            Fault::StartupHang => Injected::Startup(sandbox.hang_startup().map_err(e)?),
         })
     }
 }
@@ -175,6 +276,10 @@ enum Injected {
     Frozen(fault::CgroupFreeze),
     Descriptors(fault::FdExhaustion),
     Socket(fault::SocketMoved),
+    Storage(FrozenRoot),
+    /// The shim continues first, then the container goes.
+    Shim(StoppedShim, Container),
+    Startup(StartupHang),
 }
 
 /// A watchdog of the comparison.
@@ -260,13 +365,24 @@ impl ZooTrial {
     }
 
     /// Acting was right: it acted, once, where a restart is the remedy (or left it to
-    /// systemd's own restart), or not at all where none is.
+    /// systemd's own restart); once and no more for a startup hang; not at all where a
+    /// report, or nothing, is.
     pub fn right(&self) -> bool {
-        if self.fault.restart_is_right() {
-            self.actions == 1 || (self.actions == 0 && self.recovered_by_systemd)
-        } else {
-            self.actions == 0
+        match self.fault.remedy() {
+            Remedy::Restart => {
+                self.actions == 1 || (self.actions == 0 && self.recovered_by_systemd)
+            }
+            Remedy::OneRestartThenReport => self.actions == 1,
+            Remedy::Report | Remedy::Nothing => self.actions == 0,
         }
+    }
+
+    /// The verdict reached is one that is right for the fault (for the NPD-like watchdog,
+    /// any failed check counts: it has no verdicts of its own).
+    pub fn right_verdict(&self) -> bool {
+        self.verdict.as_deref().is_some_and(|v| {
+            self.watchdog == Watchdog::NpdLike || self.fault.right_verdicts().contains(&v)
+        })
     }
 
     pub fn one_line(&self) -> String {
@@ -322,10 +438,13 @@ fn observer_trial(out: &mut ZooTrial, config: Config) -> Result<(), String> {
         .wait_healthy(Duration::from_secs(20))
         .map_err(|e| e.to_string())?;
     let (main, target) = target_of(&sandbox, fault)?;
+    let prepared = fault.prepare(&sandbox)?;
     thread::sleep(random_below(config.probe_interval(), out.trial));
     let fault_wall = SystemTime::now();
     let at = Instant::now();
-    let _injected = fault.inject(&sandbox, target)?;
+    let injected = fault.inject(&sandbox, target, prepared)?;
+    let restart = fault.remedy() == Remedy::Restart;
+    let mut notes: Vec<String> = Vec::new();
     thread::scope(|scope| {
         let early = fault.answers_early().then(|| {
             scope.spawn(|| {
@@ -337,31 +456,39 @@ fn observer_trial(out: &mut ZooTrial, config: Config) -> Result<(), String> {
                 )
             })
         });
-        let within = if fault.restart_is_right() {
+        let within = if restart {
             config.verdict_timeout()
         } else {
-            Fault::quiet_window(Some(config))
+            fault.quiet_window(Some(config))
         };
-        match wait_for_verdict(&observer, fault_wall, config, within) {
-            Ok(verdict) => {
-                let verdict_at = verdict["at"].as_str().and_then(parse_rfc3339);
-                out.verdict = verdict["state"].as_str().map(str::to_owned);
-                out.fault_to_verdict_ms = verdict_at.map(|v| wall_ms(fault_wall, v));
-                out.evidence = evidence_of(&verdict);
-            }
-            Err(err) if err.starts_with("no verdict within") => {}
-            Err(err) => return Err(err),
+        if let Some(verdict) = zoo_verdict(&observer, fault, fault_wall, within) {
+            let verdict_at = verdict["at"].as_str().and_then(parse_rfc3339);
+            out.verdict = verdict["state"].as_str().map(str::to_owned);
+            out.fault_to_verdict_ms = verdict_at.map(|v| wall_ms(fault_wall, v));
+            out.evidence = evidence_of(&verdict);
         }
         let answered = match early {
             Some(handle) => handle.join().map_err(|_| "the Version() client panicked")?,
-            None if out.verdict.is_some() && fault.restart_is_right() => {
+            None if out.verdict.is_some() && restart => {
                 first_answer(&sandbox, main, at, RECOVERY_TIMEOUT)
             }
-            None => Err("no verdict, no restart".into()),
+            None => Err("no restart is the remedy".into()),
         };
         out.fault_to_recovery_ms = answered.ok().map(|d| d.as_secs_f64() * 1e3);
         Ok::<(), String>(())
     })?;
+    if !restart && fault.remedy() != Remedy::Nothing {
+        // Held as long again after the verdict, to see that no restart (or no second one)
+        // comes; then undone, as an operator would once it is reported.
+        thread::sleep(
+            fault
+                .quiet_window(Some(config))
+                .min(Duration::from_secs(15)),
+        );
+        let doc = observer.status().map_err(|e| e.to_string())?;
+        notes.extend(remedy_note(&doc));
+    }
+    drop(injected);
     // Give a second restart every chance to happen before counting.
     let _ = observer.wait_for_status("healthy", Duration::from_secs(30), |doc| {
         doc["state"] == "healthy"
@@ -370,9 +497,78 @@ fn observer_trial(out: &mut ZooTrial, config: Config) -> Result<(), String> {
     let doc = observer.status().map_err(|e| e.to_string())?;
     out.actions = doc["restarts"].as_array().map_or(0, Vec::len);
     if let Some(escalation) = doc["restarts"][0]["escalation"].as_str() {
-        out.note = Some(escalation.to_owned());
+        notes.push(escalation.to_owned());
     }
+    if out.actions > 0 && !restart {
+        let reasons: Vec<&str> = doc["restarts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|r| r["reason"].as_str())
+            .collect();
+        notes.push(format!("restarted for {}", reasons.join(", ")));
+    }
+    out.note = (!notes.is_empty()).then(|| notes.join("; "));
     Ok(())
+}
+
+/// The observer's first bad verdict after the fault: a right one, or else the first wrong
+/// one, within `within`.
+fn zoo_verdict(
+    observer: &Observer,
+    fault: Fault,
+    fault_wall: SystemTime,
+    within: Duration,
+) -> Option<Value> {
+    const BAD: [&str; 6] = [
+        "crashed",
+        "hung",
+        "unreachable",
+        "storage_stalled",
+        "degraded",
+        "startup_hung",
+    ];
+    let deadline = Instant::now() + within;
+    let mut wrong: Option<Value> = None;
+    loop {
+        if let Ok(doc) = observer.status() {
+            let after = doc["verdicts"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|v| {
+                    v["at"]
+                        .as_str()
+                        .and_then(parse_rfc3339)
+                        .is_some_and(|at| at >= fault_wall)
+                });
+            for v in after {
+                let state = v["state"].as_str().unwrap_or_default();
+                if fault.right_verdicts().contains(&state) {
+                    return Some(v.clone());
+                }
+                if wrong.is_none() && BAD.contains(&state) {
+                    wrong = Some(v.clone());
+                }
+            }
+        }
+        // A wrong verdict ends the wait for a fault whose remedy is a restart only when
+        // the window is over; for the others it may still be followed by the right one.
+        if Instant::now() >= deadline {
+            return wrong;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What the observer did about a fault it must not restart for: its last action.
+fn remedy_note(doc: &Value) -> Option<String> {
+    let action = doc["actions"].as_array()?.last()?;
+    Some(format!(
+        "{}: {}",
+        action["action"].as_str()?,
+        action["result"].as_str().unwrap_or_default()
+    ))
 }
 
 /// containerd's main PID, and the process the fault goes to (for the wedge, the containerd
@@ -448,11 +644,13 @@ fn npd_measure(
     // A node's containerd has run for longer than the cooldown; the fault lands at a random
     // phase of the check period.
     let up = unit_uptime(sandbox).ok_or("the unit has no start time")?;
+    let prepared = fault.prepare(sandbox)?;
     thread::sleep(NPD_COOLDOWN.saturating_sub(up) + random_below(NPD_PERIOD, out.trial));
     let (main, target) = target_of(sandbox, fault)?;
     let fault_wall = SystemTime::now();
     let at = Instant::now();
-    let _injected = fault.inject(sandbox, target)?;
+    let _injected = fault.inject(sandbox, target, prepared)?;
+    let restart = fault.remedy() == Remedy::Restart;
     let answered = if fault.answers_early() {
         first_answer(sandbox, main, at, NPD_VERDICT_WINDOW + RECOVERY_TIMEOUT).ok()
     } else {
@@ -483,9 +681,16 @@ fn npd_measure(
     }
     let answered = match answered {
         Some(at) => Some(at),
-        None if first_failure.is_some() => first_answer(sandbox, main, at, RECOVERY_TIMEOUT).ok(),
+        None if first_failure.is_some() && restart => {
+            first_answer(sandbox, main, at, RECOVERY_TIMEOUT).ok()
+        }
         None => None,
     };
+    if !restart {
+        // Where no restart (or no second one) is right, watch what it does a while longer:
+        // four more checks.
+        thread::sleep(NPD_PERIOD * 4);
+    }
     out.fault_to_recovery_ms = answered.map(|d| d.as_secs_f64() * 1e3);
     let events = events.lock().map_err(|_| "the NPD-like loop panicked")?;
     let kills: Vec<&String> = events
@@ -507,6 +712,9 @@ fn npd_measure(
         notes.push(format!(
             "a check failed within the cooldown, no action ({err})"
         ));
+    }
+    if kills.len() > 1 {
+        notes.push(format!("{} kills", kills.len()));
     }
     if out.fault_to_recovery_ms.is_some() {
         out.recovered_by_systemd = kills.is_empty();
@@ -605,6 +813,10 @@ pub struct ZooRow {
     /// Trials in which it acted, and in which acting was right.
     pub acted: usize,
     pub right: usize,
+    /// The most actions of one trial (a storm shows here).
+    pub most_actions: usize,
+    /// Trials whose verdict was not a right one for the fault.
+    pub wrong_verdicts: usize,
     /// Trials in which no new containerd answered within the window.
     pub never_recovered: usize,
     pub fault_to_recovery_ms: Option<Summary>,
@@ -652,6 +864,11 @@ pub fn summarize_zoo(trials: &[ZooTrial]) -> Vec<ZooRow> {
                 fault_to_verdict_ms: values(|t| t.fault_to_verdict_ms),
                 acted: done.iter().filter(|t| t.acted()).count(),
                 right: done.iter().filter(|t| t.right()).count(),
+                most_actions: done.iter().map(|t| t.actions).max().unwrap_or(0),
+                wrong_verdicts: done
+                    .iter()
+                    .filter(|t| t.verdict.is_some() && !t.right_verdict())
+                    .count(),
                 never_recovered: done
                     .iter()
                     .filter(|t| t.fault_to_recovery_ms.is_none())
