@@ -238,6 +238,17 @@ impl Sandbox {
                 RESTART_POLICIES.join(", ")
             )));
         }
+        if let Some(name) = &opts.remote_snapshotter
+            && (name.is_empty()
+                || name.len() > 32
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        {
+            return Err(SandboxError::InvalidOption(format!(
+                "`{name}` is not a snapshotter name for the sandbox; use up to 32 letters, digits, `-` or `_`"
+            )));
+        }
         let systemd = SYSTEMD_PATHS
             .iter()
             .map(PathBuf::from)
@@ -254,17 +265,6 @@ impl Sandbox {
             tool: "systemctl",
             hint: "install it: apt-get install -y systemd",
         })?;
-        if let Some(name) = &opts.remote_snapshotter
-            && (name.is_empty()
-                || name.len() > 32
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
-        {
-            return Err(SandboxError::InvalidOption(format!(
-                "`{name}` is not a snapshotter name for the sandbox; use up to 32 letters, digits, `-` or `_`"
-            )));
-        }
         let daemon = match &opts.exec_start {
             Some(cmd) => Daemon::Custom(cmd.clone()),
             None => Daemon::Containerd(process::find_on_path("containerd").ok_or(
@@ -965,6 +965,13 @@ mod tests {
     #[test]
     fn toml_string_escapes() {
         assert_eq!(toml_string(r#"/a "b"\c"#), r#""/a \"b\"\\c""#);
+    }
+
+    #[test]
+    fn a_snapshotter_name_that_cannot_name_a_plugin_is_refused_before_anything_starts() {
+        let err =
+            Sandbox::start(SandboxOptions::new().remote_snapshotter("my snap\"shot")).unwrap_err();
+        assert!(err.to_string().contains("letters, digits"), "{err}");
     }
 
     #[test]
