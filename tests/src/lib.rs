@@ -39,6 +39,7 @@ mod observer;
 mod podman;
 mod process;
 mod sandbox;
+mod snapshotter;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -49,6 +50,7 @@ pub use inject::{Container, FrozenRoot, K8S_NAMESPACE, StartupHang, StoppedShim}
 pub use observer::{Observer, free_local_addr, observer_bin};
 pub use podman::Podman;
 pub use sandbox::{BusOutage, Sandbox, SandboxOptions};
+pub use snapshotter::RemoteSnapshotter;
 
 /// Everything that can go wrong while starting, driving or asking a sandbox or an observer.
 /// Each message says what happened and, where the fix is on the caller's side, what to do;

@@ -9,6 +9,7 @@
 //!                          turned off (no CNI: the CRI probes need none)
 //! containerd/root/         containerd's root, optionally an ext4 loop mount of root.img
 //! containerd.sock          containerd's gRPC socket (and containerd.sock.ttrpc)
+//! <name>.sock              the fake remote snapshotter's socket, when there is one
 //! containerd.log           containerd's stdout and stderr
 //! manager.log              the user manager's launcher (unshare, mount) errors
 //! ```
@@ -38,6 +39,7 @@ use crate::{
     cgroup::{self, SandboxCgroup},
     inject::{Container, FrozenRoot, LoopRoot, StartupHang},
     process::{self, TAIL_LINES},
+    snapshotter::RemoteSnapshotter,
 };
 
 const NAME_PREFIX: &str = "observer-sandbox-";
@@ -75,6 +77,7 @@ pub struct SandboxOptions {
     keep_dir: bool,
     cri: bool,
     root_on_loop_mib: Option<u64>,
+    remote_snapshotter: Option<String>,
 }
 
 impl Default for SandboxOptions {
@@ -94,6 +97,7 @@ impl SandboxOptions {
             keep_dir: false,
             cri: true,
             root_on_loop_mib: None,
+            remote_snapshotter: None,
         }
     }
 
@@ -109,6 +113,15 @@ impl SandboxOptions {
     /// `fsfreeze`.
     pub fn root_on_loop_fs(mut self, size_mib: u64) -> Self {
         self.root_on_loop_mib = Some(size_mib);
+        self
+    }
+
+    /// Gives containerd a remote snapshotter `name`: a proxy plugin (`[proxy_plugins.<name>]`,
+    /// type `snapshot`) whose backend is a fake the sandbox serves on `<dir>/<name>.sock`
+    /// from before containerd starts until teardown ([`Sandbox::remote_snapshotter`]). The
+    /// CRI plugin keeps its own snapshotter: only calls that name this one reach it.
+    pub fn remote_snapshotter(mut self, name: &str) -> Self {
+        self.remote_snapshotter = Some(name.to_string());
         self
     }
 
@@ -210,6 +223,8 @@ pub struct Sandbox {
     manager: Option<Child>,
     cgroup: Option<SandboxCgroup>,
     loop_root: Option<LoopRoot>,
+    /// Declared after everything containerd is stopped with: it must outlive containerd.
+    remote_snapshotter: Option<RemoteSnapshotter>,
 }
 
 impl Sandbox {
@@ -221,6 +236,17 @@ impl Sandbox {
                 "Restart={} is not a systemd restart policy; use one of {}",
                 opts.restart,
                 RESTART_POLICIES.join(", ")
+            )));
+        }
+        if let Some(name) = &opts.remote_snapshotter
+            && (name.is_empty()
+                || name.len() > 32
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        {
+            return Err(SandboxError::InvalidOption(format!(
+                "`{name}` is not a snapshotter name for the sandbox; use up to 32 letters, digits, `-` or `_`"
             )));
         }
         let systemd = SYSTEMD_PATHS
@@ -261,8 +287,9 @@ impl Sandbox {
             manager: None,
             cgroup: None,
             loop_root: None,
+            remote_snapshotter: None,
         };
-        sandbox.check_socket_paths()?;
+        sandbox.check_socket_paths(opts.remote_snapshotter.as_deref())?;
         sandbox.write_files(&opts, &daemon)?;
         // Before the manager starts: its private mount namespace copies the mounts it sees.
         if let Some(size) = opts.root_on_loop_mib {
@@ -276,6 +303,10 @@ impl Sandbox {
         sandbox.cgroup = Some(SandboxCgroup::create(&name)?);
         sandbox.start_manager(&systemd, &unshare)?;
         sandbox.start_bus()?;
+        if let Some(name) = &opts.remote_snapshotter {
+            let socket = sandbox.remote_snapshotter_socket(name);
+            sandbox.remote_snapshotter = Some(RemoteSnapshotter::serve(name, &socket)?);
+        }
         sandbox.start_containerd(matches!(daemon, Daemon::Containerd(_)))?;
         Ok(sandbox)
     }
@@ -319,6 +350,16 @@ impl Sandbox {
                 )
             })?
             .freeze()
+    }
+
+    /// The fake remote snapshotter of a sandbox started with
+    /// [`SandboxOptions::remote_snapshotter`].
+    pub fn remote_snapshotter(&self) -> Option<&RemoteSnapshotter> {
+        self.remote_snapshotter.as_ref()
+    }
+
+    fn remote_snapshotter_socket(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.sock"))
     }
 
     /// Runs a container (`/bin/sleep 600` over busybox) in namespace `k8s.io`; dropping the
@@ -459,12 +500,13 @@ impl Sandbox {
             .unwrap_or_default()
     }
 
-    fn check_socket_paths(&self) -> Result<(), SandboxError> {
+    fn check_socket_paths(&self, remote_snapshotter: Option<&str>) -> Result<(), SandboxError> {
         let longest = [
             self.runtime_dir().join("systemd/private"),
             self.dir.join("containerd.sock.ttrpc"),
         ]
         .into_iter()
+        .chain(remote_snapshotter.map(|name| self.remote_snapshotter_socket(name)))
         .map(|path| path.as_os_str().len())
         .max()
         .unwrap_or(0);
@@ -500,7 +542,7 @@ impl Sandbox {
             fs::write(path, contents)
                 .map_err(|err| SandboxError::io(format!("could not write {}", path.display()), err))
         };
-        write(&config, self.containerd_config(opts.cri))?;
+        write(&config, self.containerd_config(opts))?;
         let exec_start = match daemon {
             Daemon::Containerd(containerd) => format!(
                 "\"{}\" --config \"{}\"",
@@ -520,9 +562,9 @@ impl Sandbox {
     /// A minimal containerd config that shares nothing with a host containerd or another
     /// sandbox. The ttrpc socket defaults to `<grpc address>.ttrpc`, inside the sandbox too.
     /// The CRI plugin's streaming server listens on a port the kernel picks (its default).
-    fn containerd_config(&self, cri: bool) -> String {
+    fn containerd_config(&self, opts: &SandboxOptions) -> String {
         let path = |relative: &str| toml_string(&self.dir.join(relative).to_string_lossy());
-        let disabled = if cri {
+        let disabled = if opts.cri {
             ""
         } else {
             "disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n"
@@ -545,7 +587,16 @@ impl Sandbox {
             state = path("containerd/state"),
             socket = toml_string(&self.socket.to_string_lossy()),
             opt = path("containerd/opt"),
-        )
+        ) + &opts
+            .remote_snapshotter
+            .as_ref()
+            .map(|name| {
+                format!(
+                    "\n[proxy_plugins.{name}]\n  type = \"snapshot\"\n  address = {}\n",
+                    toml_string(&self.remote_snapshotter_socket(name).to_string_lossy())
+                )
+            })
+            .unwrap_or_default()
     }
 
     /// The unit, shaped like the packaged one (notify, `KillMode=process`, `Delegate=yes`)
@@ -813,6 +864,8 @@ exec "$systemd" --user"#;
         for pid in process::pids_with_cmdline_containing(&inside) {
             process::signal(pid, libc::SIGKILL);
         }
+        // containerd is gone: its remote snapshotter may go too, a stalled call with it.
+        drop(self.remote_snapshotter.take());
         if let Some(cgroup) = self.cgroup.take() {
             cgroup.remove();
         }
@@ -912,6 +965,13 @@ mod tests {
     #[test]
     fn toml_string_escapes() {
         assert_eq!(toml_string(r#"/a "b"\c"#), r#""/a \"b\"\\c""#);
+    }
+
+    #[test]
+    fn a_snapshotter_name_that_cannot_name_a_plugin_is_refused_before_anything_starts() {
+        let err =
+            Sandbox::start(SandboxOptions::new().remote_snapshotter("my snap\"shot")).unwrap_err();
+        assert!(err.to_string().contains("letters, digits"), "{err}");
     }
 
     #[test]

@@ -469,3 +469,151 @@ fn a_containerd_without_cri_is_a_configuration_fact_not_a_hang() {
     assert_eq!(doc["state"], "healthy", "{doc}");
     assert_eq!(verdict_states(&doc), ["healthy"], "{doc}");
 }
+
+/// containerd #13798, for real: containerd's garbage collector holds the lock of a remote
+/// snapshotter (a proxy plugin, whose backend is the harness's fake) while that snapshotter's
+/// `Walk` never returns. containerd's threads run, and every layer but `snapshots` answers.
+/// The observer says `hung`, naming the layer and saying the threads are runnable, takes a
+/// goroutine dump that shows the wedge, then restarts containerd, once.
+#[test]
+fn a_wedged_snapshotter_lock_is_a_hang_dumped_then_restarted_once() {
+    let Ok(()) = require(
+        "a_wedged_snapshotter_lock_is_a_hang_dumped_then_restarted_once",
+        OBSERVER_NEEDS,
+    ) else {
+        return;
+    };
+    let sandbox = Sandbox::start(SandboxOptions::new().remote_snapshotter("remote"))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let remote = sandbox.remote_snapshotter().expect("started with one");
+    let pid = sandbox.main_pid().unwrap().expect("containerd runs");
+    // containerd 1.6 writes its dump to its log and to this file in its /tmp (ours too).
+    let dump = RemovedOnDrop(std::path::PathBuf::from(format!(
+        "/tmp/containerd.{pid}.stacks.log"
+    )));
+    let observer = observer(&sandbox, &["--snapshotter", remote.name()]);
+    let layers = ["cri", "metadata_read", "metadata_write", "snapshots"];
+    wait_layers_ok(&observer, &layers);
+
+    let wedged_at = std::time::SystemTime::now();
+    remote
+        .wedge(sandbox.socket())
+        .unwrap_or_else(|err| panic!("{err}"));
+    let doc = observer
+        .wait_for_status("a hang and its restart", Duration::from_secs(60), |doc| {
+            !items(doc, "restarts").is_empty()
+        })
+        .unwrap_or_else(|err| panic!("{err}"));
+
+    // The verdict: hung in the snapshots layer, inside a containerd whose threads run while
+    // the other layers answer.
+    let verdict = latest(&doc, "hung");
+    assert_eq!(verdict["layer"], "snapshots", "{verdict}");
+    assert_eq!(verdict["pid"], pid, "{verdict}");
+    let evidence = verdict["evidence"].as_array().unwrap();
+    let why = &evidence[0];
+    assert_eq!(why["source"], "procfs", "{verdict}");
+    let why = why["detail"].as_str().unwrap();
+    assert!(
+        why.contains("no containerd thread in D state") && why.contains("runnable"),
+        "{why}"
+    );
+    let answering = why
+        .split_once("answering meanwhile: ")
+        .map(|(_, names)| names.split(", ").collect::<Vec<_>>())
+        .unwrap_or_default();
+    for name in ["version", "cri", "metadata_read", "metadata_write"] {
+        assert!(answering.contains(&name), "{name} did not answer: {why}");
+    }
+    assert!(!answering.contains(&"snapshots"), "{why}");
+    assert!(
+        evidence[1..].iter().all(|e| e["source"] == "ladder"
+            && e["detail"]
+                .as_str()
+                .unwrap()
+                .contains("Snapshots.Remove of an absent key failed (timeout)")),
+        "{verdict}"
+    );
+
+    // The action: the goroutine dump, taken while the lock was held, then one restart.
+    let restarts = items(&doc, "restarts");
+    assert_eq!(restarts.len(), 1, "{doc}");
+    let restart = &restarts[0];
+    assert_eq!(
+        (restart["reason"].as_str(), restart["old_pid"].as_u64()),
+        (Some("hung"), Some(u64::from(pid))),
+        "{restart}"
+    );
+    let named = format!("written to {}", dump.0.display());
+    assert!(
+        restart["stack_dump"]
+            .as_str()
+            .is_some_and(|note| note.contains(&named)),
+        "no goroutine dump before the restart: {restart}"
+    );
+    let action = &items(&doc, "actions")[0];
+    assert_eq!(action_names(&doc), ["restart"], "{doc}");
+    assert!(
+        action["result"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("goroutine dump before it: {named}")),
+        "{action}"
+    );
+    let written = std::fs::metadata(&dump.0)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|err| panic!("no dump at {}: {err}", dump.0.display()));
+    assert!(
+        written >= wedged_at,
+        "{} is older than the wedge",
+        dump.0.display()
+    );
+    let stacks = std::fs::read_to_string(&dump.0).unwrap();
+    assert!(
+        stacks.contains("metadata.(*snapshotter).garbageCollect")
+            && stacks.contains("proxy.(*proxySnapshotter).Walk"),
+        "the dump does not show the collector waiting in Walk:\n{stacks}"
+    );
+    let log = std::fs::read_to_string(sandbox.containerd_log()).unwrap();
+    let dumped = log.find("=== BEGIN goroutine stack dump ===");
+    let restarted = log
+        .match_indices("starting containerd")
+        .nth(1)
+        .map(|(i, _)| i);
+    assert!(
+        matches!((dumped, restarted), (Some(d), Some(r)) if d < r),
+        "the dump is not in containerd's log before the restart (at {dumped:?}, restart at {restarted:?})"
+    );
+
+    // Nothing else: containerd answers in every layer again, the wedge is gone with the old
+    // process, and holding on brings no other verdict and no second restart.
+    wait_layers_ok(&observer, &layers);
+    let new_pid = sandbox.main_pid().unwrap().expect("containerd runs");
+    assert_eq!(restart["new_pid"], new_pid, "{restart}");
+    std::thread::sleep(Duration::from_secs(4));
+    let doc = observer.status().unwrap();
+    assert_eq!(doc["state"], "healthy", "{doc}");
+    assert_eq!(
+        verdict_states(&doc),
+        ["healthy", "hung", "healthy"],
+        "nothing but the hang and its end: {doc}"
+    );
+    assert_eq!(action_names(&doc), ["restart"], "{doc}");
+    assert_eq!(items(&doc, "restarts").len(), 1, "{doc}");
+    assert_eq!(layer(&doc, "snapshots")["last"]["result"], "ok", "{doc}");
+    assert_eq!(sandbox.main_pid().unwrap(), Some(new_pid));
+    assert_eq!(
+        remote.stalled_lists(),
+        1,
+        "the remote snapshotter stalled once"
+    );
+}
+
+/// A file containerd wrote outside the sandbox, removed when the test ends, however it ends.
+struct RemovedOnDrop(std::path::PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -42,7 +42,10 @@
 //!
 //! The deeper layers of the probe ladder ([`Layer`]) add, per layer:
 //! - `failures_to_hang` consecutive failures of one layer while containerd's threads run
-//!   make a hang that names the layer (`tasks`: a degraded containerd, see below);
+//!   make a hang that names the layer (`tasks`: a degraded containerd, see below). Its first
+//!   piece of evidence says that no thread of containerd was in D state at the latest sample
+//!   (the threads are runnable: a lock or a deadlock, not the disk) and which layers
+//!   answered meanwhile, which places the hang;
 //! - containerd's threads in D state past `blocked_threshold`, alone or with a failing
 //!   layer, make a storage stall; while any of its threads is in D state, a failing layer is
 //!   not judged a hang (it may be the disk, which a restart cannot fix);
@@ -375,6 +378,10 @@ pub struct Detector {
     blocked: Vec<BlockedThread>,
     blocked_context: String,
     blocked_sensor: Source,
+    /// When containerd's threads were last sampled for D state.
+    blocked_sampled: Option<Instant>,
+    /// When each layer last answered (`version`: a `Version()` probe).
+    answered_at: BTreeMap<Layer, Instant>,
     /// Tasks whose shims did not answer at the last `Tasks.List`.
     silent: Vec<SilentTask>,
     /// The layer of the standing verdict, if a deeper layer made it.
@@ -420,6 +427,8 @@ impl Detector {
             blocked: Vec::new(),
             blocked_context: String::new(),
             blocked_sensor: Source::Procfs,
+            blocked_sampled: None,
+            answered_at: BTreeMap::new(),
             silent: Vec::new(),
             verdict_layer: None,
             answered_since_start: false,
@@ -535,6 +544,7 @@ impl Detector {
                 };
                 self.answered = true;
                 self.answered_since_start = true;
+                self.answered_at.insert(Layer::Version, now);
                 self.startup_hangs = 0;
                 self.retry_hung = false;
                 self.startup_hung_pid = None;
@@ -1108,6 +1118,7 @@ impl Detector {
         silent_tasks: Vec<SilentTask>,
     ) -> Decision {
         self.layer_failures.remove(&layer);
+        self.answered_at.insert(layer, now);
         let answered = format!(
             "{} answered in {:.1} ms",
             layer.call(),
@@ -1191,8 +1202,46 @@ impl Detector {
         if self.state == state && self.verdict_layer == Some(layer) {
             return Decision::Wait;
         }
+        if state == State::Hung {
+            evidence.insert(0, self.runnable_evidence(now, layer, first));
+        }
         let verdict = self.record_layer(now, state, first, evidence, Some(layer));
         Decision::Act(verdict)
+    }
+
+    /// Why a failing `layer` is a hang inside containerd: its threads are runnable (none in
+    /// D state at the latest sample), and which layers answered since `since`, the layer's
+    /// first failure.
+    fn runnable_evidence(&self, now: Instant, layer: Layer, since: Instant) -> Evidence {
+        let threads = match self.blocked_sampled {
+            Some(at) => format!(
+                "no containerd thread in D state at the latest sample ({:.1} s ago): its threads are runnable, so {layer} is stuck on a lock or in a deadlock inside containerd, not on its disk",
+                now.saturating_duration_since(at).as_secs_f64()
+            ),
+            None => format!(
+                "containerd's threads have not been sampled for D state; {layer} is judged stuck inside containerd"
+            ),
+        };
+        let answering: Vec<&str> = self
+            .answered_at
+            .iter()
+            .filter(|(l, at)| **l != layer && **at >= since)
+            .map(|(l, _)| l.name())
+            .collect();
+        let answering = if answering.is_empty() {
+            "no other layer answered meanwhile".to_owned()
+        } else {
+            format!("answering meanwhile: {}", answering.join(", "))
+        };
+        Evidence {
+            source: if self.blocked_sampled.is_some() {
+                self.blocked_sensor
+            } else {
+                Source::Ladder
+            },
+            at: now,
+            detail: format!("{threads}; {answering}"),
+        }
     }
 
     fn on_blocked(
@@ -1208,6 +1257,7 @@ impl Detector {
             .collect();
         self.blocked_context = context;
         self.blocked_sensor = sensor;
+        self.blocked_sampled = Some(now);
         let Some(blocked) = self.blocked_evidence(now) else {
             self.recover_if_clear(
                 now,
@@ -2345,8 +2395,18 @@ mod tests {
             panic!("expected a verdict to act on");
         };
         assert_eq!((v.state, v.layer), (State::Hung, Some(Layer::Snapshots)));
+        // First, why it is a hang inside containerd: its threads run, and Version() answered
+        // after the snapshots layer began to fail.
+        let (why, failures) = v.evidence.split_first().unwrap();
+        assert_eq!(why.source, Source::Procfs, "{why:?}");
         assert!(
-            v.evidence
+            why.detail.contains("no containerd thread in D state")
+                && why.detail.contains("runnable")
+                && why.detail.ends_with("answering meanwhile: version"),
+            "{why:?}"
+        );
+        assert!(
+            failures
                 .iter()
                 .all(|e| e.source == Source::Ladder && e.detail.contains("Snapshots.Remove")),
             "{:?}",
@@ -2357,6 +2417,38 @@ mod tests {
         assert_eq!(d.state(), State::Hung);
         d.observe(t0 + ms(9500), layer_ok(Layer::Snapshots, ms(20)));
         assert_eq!(d.state(), State::Healthy);
+    }
+
+    /// The hang's evidence places it: the layers that answered after the failing layer began
+    /// to fail, not those that answered only before; and it claims runnable threads only
+    /// when they were sampled.
+    #[test]
+    fn a_layer_hang_names_the_layers_answering_meanwhile() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.observe(t0 + ms(500), layer_ok(Layer::Tasks, ms(5)));
+        d.observe(t0 + ms(3000), layer_failed(Layer::Snapshots, t0 + ms(1000)));
+        d.observe(t0 + ms(3100), layer_ok(Layer::MetadataWrite, ms(10)));
+        d.observe(t0 + ms(3200), layer_ok(Layer::Cri, ms(3)));
+        d.observe(t0 + ms(4000), layer_failed(Layer::Snapshots, t0 + ms(2000)));
+        let Decision::Act(v) =
+            d.observe(t0 + ms(5000), layer_failed(Layer::Snapshots, t0 + ms(3000)))
+        else {
+            panic!("expected a verdict to act on");
+        };
+        assert_eq!((v.state, v.layer), (State::Hung, Some(Layer::Snapshots)));
+        let why = &v.evidence[0];
+        assert_eq!(why.source, Source::Ladder, "never sampled: {why:?}");
+        assert!(
+            why.detail.contains("have not been sampled for D state")
+                && !why.detail.contains("runnable"),
+            "{why:?}"
+        );
+        assert!(
+            why.detail
+                .ends_with("answering meanwhile: cri, metadata_write"),
+            "{why:?}"
+        );
     }
 
     #[test]

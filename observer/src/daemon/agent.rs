@@ -1540,9 +1540,15 @@ impl Agent<'_> {
             return;
         };
         self.budget.record_restart(started);
+        // Asked for before the restart; the note says where it went, or why there is none.
+        let dump = outcome
+            .stack_dump
+            .as_ref()
+            .map(|note| format!("; goroutine dump before it: {note}"))
+            .unwrap_or_default();
         let summary = if outcome.succeeded() {
             format!(
-                "restarted {} through systemd: job {} in {:.0} ms, new PID {}{}",
+                "restarted {} through systemd: job {} in {:.0} ms, new PID {}{}{dump}",
                 self.settings.unit,
                 outcome.job_result,
                 millis(outcome.duration),
@@ -1555,7 +1561,7 @@ impl Agent<'_> {
             )
         } else {
             format!(
-                "restart of {} failed: job {}{}",
+                "restart of {} failed: job {}{}{dump}",
                 self.settings.unit,
                 outcome.job_result,
                 outcome
