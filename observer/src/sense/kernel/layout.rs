@@ -128,6 +128,7 @@ pub struct Formats {
     pub mark_victim: Tracepoint,
     pub sk_data_ready: Tracepoint,
     pub consume_skb: Tracepoint,
+    pub sched_switch: Tracepoint,
 }
 
 impl Formats {
@@ -139,6 +140,7 @@ impl Formats {
             mark_victim: Tracepoint::read("oom", "mark_victim"),
             sk_data_ready: Tracepoint::read("sock", "sk_data_ready"),
             consume_skb: Tracepoint::read("skb", "consume_skb"),
+            sched_switch: Tracepoint::read("sched", "sched_switch"),
         }
     }
 }
@@ -207,6 +209,8 @@ pub fn build(formats: &Formats, offsets: &StructOffsets) -> Layout {
         sock_receive_queue_tail: or_none(offsets.sock_receive_queue_tail.clone().ok()),
         sock_receive_queue_head: or_none(offsets.sock_receive_queue_head.clone().ok()),
         sock_family: or_none(offsets.sock_family.clone().ok()),
+        // A `long`: the program reads its low half, which holds every state bit.
+        switch_prev_state: or_none(formats.sched_switch.offset("prev_state", 8)),
         reported_signals: FATAL_SIGNALS,
         // The fast path's offsets: filled in by `kernel::fentry` when it is tried.
         ..Layout::UNKNOWN
