@@ -109,16 +109,34 @@ fn a_frozen_root_is_seen_by_the_classic_tracepoint_and_by_proc_sampling() {
     let sandbox = Sandbox::start(SandboxOptions::new().root_on_loop_fs(256))
         .unwrap_or_else(|err| panic!("{err}"));
     let pid = sandbox.main_pid().unwrap().expect("containerd runs");
-    let cases: [(&[&str], &[(&str, &str)], &str, Option<&str>); 2] = [
-        (
-            &[],
-            &[("OBSERVER_KERNEL_HOOKS", "tracepoint")],
-            "ebpf",
-            Some("tracepoint"),
-        ),
-        (&["--fallback-sensors"], &[], "procfs", None),
+    /// How the observer runs, and which source and kernel path it should report.
+    struct Case {
+        args: &'static [&'static str],
+        env: &'static [(&'static str, &'static str)],
+        source: &'static str,
+        path: Option<&'static str>,
+    }
+    let cases = [
+        Case {
+            args: &[],
+            env: &[("OBSERVER_KERNEL_HOOKS", "tracepoint")],
+            source: "ebpf",
+            path: Some("tracepoint"),
+        },
+        Case {
+            args: &["--fallback-sensors"],
+            env: &[],
+            source: "procfs",
+            path: None,
+        },
     ];
-    for (args, env, source, path) in cases {
+    for Case {
+        args,
+        env,
+        source,
+        path,
+    } in cases
+    {
         let args: Vec<&str> = FAST.iter().chain(args).copied().collect();
         let observer = Observer::spawn_with_env(&sandbox, sandbox.socket(), &args, env)
             .unwrap_or_else(|err| panic!("{err}"));

@@ -51,8 +51,8 @@ pub struct BlockedSample {
 enum Timing {
     /// `/proc` sampling, with the first time each thread was seen in D state.
     Procfs { since: HashMap<u32, Instant> },
-    /// The kernel program's map.
-    Kernel(BlockedMaps),
+    /// The kernel program's maps.
+    Kernel(Box<BlockedMaps>),
 }
 
 /// The blocked-thread sensor: the processes it watches and the source of their sleeps.
@@ -81,7 +81,7 @@ impl BlockedSampler {
     /// The same processes, timed by the kernel program whose maps are `maps`.
     pub fn with_kernel(socket: &Path, maps: BlockedMaps) -> Self {
         Self {
-            timing: Timing::Kernel(maps),
+            timing: Timing::Kernel(Box::new(maps)),
             ..Self::new(socket)
         }
     }

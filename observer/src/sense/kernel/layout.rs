@@ -283,12 +283,38 @@ print fmt: \"comm=%s pid=%d prio=%d group_dead=%s\", REC->comm, REC->pid, REC->p
             mark_victim: tracepoint(""),
             sk_data_ready: tracepoint(""),
             consume_skb: tracepoint(""),
+            sched_switch: tracepoint(""),
         };
         let offsets = StructOffsets::from_btf(Err("no BTF".into()));
         let layout = build(&formats, &offsets);
         assert_eq!(layout.exit_group_dead, NO_OFFSET);
+        assert_eq!(layout.switch_prev_state, NO_OFFSET);
         assert_eq!(layout.task_exit_code, NO_OFFSET);
         assert_eq!(layout.sock_receive_queue_tail, NO_OFFSET);
+    }
+
+    #[test]
+    fn sched_switch_gives_its_prev_state() {
+        let format = "name: sched_switch
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:char prev_comm[16];\toffset:8;\tsize:16;\tsigned:0;
+\tfield:pid_t prev_pid;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:int prev_prio;\toffset:28;\tsize:4;\tsigned:1;
+\tfield:long prev_state;\toffset:32;\tsize:8;\tsigned:1;
+\tfield:char next_comm[16];\toffset:40;\tsize:16;\tsigned:0;
+";
+        let formats = Formats {
+            process_exit: tracepoint(""),
+            process_exec: tracepoint(""),
+            signal_generate: tracepoint(""),
+            mark_victim: tracepoint(""),
+            sk_data_ready: tracepoint(""),
+            consume_skb: tracepoint(""),
+            sched_switch: tracepoint(format),
+        };
+        let layout = build(&formats, &StructOffsets::from_btf(Err("no BTF".into())));
+        assert_eq!(layout.switch_prev_state, 32);
     }
 
     #[test]
