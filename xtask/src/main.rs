@@ -89,6 +89,11 @@ enum Task {
         /// benchmarks/zoo.json, and leaves the other figures alone.
         #[arg(long)]
         zoo_only: bool,
+        /// Only the cost of the blocked-thread program on `sched_switch` (a pipe ping-pong
+        /// without the agent, with it on tp_btf and on the classic tracepoint): writes its
+        /// block of BENCHMARKS.md and benchmarks/switch.json, and leaves the other figures alone.
+        #[arg(long)]
+        switch_cost: bool,
         /// One trial each, short windows, no reference: checks that everything runs in about
         /// a minute, and writes to target/bench/ instead of BENCHMARKS.md.
         #[arg(long)]
@@ -182,6 +187,7 @@ fn main() -> ExitCode {
             zoo_trials,
             zoo_reference_trials,
             zoo_only,
+            switch_cost,
             quick,
             fuzz_seconds,
         } => bench::bench(bench::BenchOptions {
@@ -190,6 +196,7 @@ fn main() -> ExitCode {
             zoo_trials,
             zoo_reference_trials,
             zoo_only,
+            switch_cost,
             quick,
             fuzz_seconds,
         }),

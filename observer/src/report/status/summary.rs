@@ -131,7 +131,7 @@ pub fn summary(doc: &serde_json::Value, colour: bool, now: SystemTime) -> String
             let state = text(&sensor["state"]);
             let _ = writeln!(
                 out,
-                "{}{name:<13} {} via {}{}",
+                "{}{name:<15} {} via {}{}",
                 if i == 0 {
                     "sensors     "
                 } else {
@@ -229,8 +229,8 @@ mod tests {
             "last probe  refused in 0.2 ms, 5s ago: cannot connect",
             "layers      cri ok 1.5 ms, metadata_write timeout 2000.0 ms (no answer within 2s)",
             "blocked     1 thread(s) in D state via procfs, first in percpu_rwsem_wait (io some avg10=40.00)",
-            "sensors     accept_queue  fallback via sock_diag (no BTF)",
-            "            process_exit  on       via sched_process_exit",
+            "sensors     accept_queue    fallback via sock_diag (no BTF)",
+            "            process_exit    on       via sched_process_exit",
             "verdict     crashed 5s ago, pid 41, detected in 0.1 ms: killed by SIGKILL",
             "action      restart for crashed 4s ago: done: new pid 42",
         ] {
