@@ -146,7 +146,12 @@ fn assert_status_schema(doc: &Value) {
         doc,
         "sensors",
         sensors,
-        &["process_exit", "exit_cause", "accept_queue", "blocked_threads"],
+        &[
+            "process_exit",
+            "exit_cause",
+            "accept_queue",
+            "blocked_threads",
+        ],
     );
     for (name, sensor) in sensors.as_object().unwrap() {
         let path = format!("sensors.{name}");

@@ -136,7 +136,11 @@ pub fn measure_switch_cost(rounds: usize, sample: Duration) -> Result<SwitchCost
                     .ok_or_else(|| format!("{} did not run in {arm:?}", arm.program()))?;
                 stats[index].push((
                     runs / trips.max(1) as f64,
-                    if runs > 0.0 { time_ms * 1e6 / runs } else { 0.0 },
+                    if runs > 0.0 {
+                        time_ms * 1e6 / runs
+                    } else {
+                        0.0
+                    },
                 ));
             }
             drop(observer);
