@@ -74,14 +74,37 @@ pub const EXIT_CODE_UNKNOWN: u32 = u32::MAX;
 /// `AF_UNIX`.
 pub const AF_UNIX: u16 = 1;
 
+/// Hash map of the TGIDs whose threads' uninterruptible sleeps are timed: containerd and
+/// its shims (not [`WATCHED_PIDS_MAP`], whose members' exits and signals are containerd's).
+pub const BLOCKED_WATCH_MAP: &str = "BLOCKED_WATCH";
+/// Hash map from a thread ID to the [`BlockedSleep`] it is in now.
+pub const BLOCKED_MAP: &str = "BLOCKED";
+/// Entries of [`BLOCKED_WATCH_MAP`]: containerd and a few hundred shims.
+pub const MAX_BLOCKED_WATCH: u32 = 1024;
+/// Entries of [`BLOCKED_MAP`]: every watched thread could be asleep at once.
+pub const MAX_BLOCKED: u32 = 8192;
+/// The blocked-thread program on the BTF-typed `sched_switch` tracepoint.
+pub const BLOCKED_BTF_PROGRAM: &str = "blocked_switch_btf";
+/// The blocked-thread program on the classic `sched/sched_switch` tracepoint.
+pub const BLOCKED_PROGRAM: &str = "blocked_switch";
+
+/// `TASK_UNINTERRUPTIBLE` (`include/linux/sched.h`): the state `ps` shows as `D`, and bit 1
+/// of the classic `sched_switch` record's `prev_state`.
+pub const TASK_UNINTERRUPTIBLE: u32 = 0x2;
+/// `TASK_NOLOAD`: with `TASK_UNINTERRUPTIBLE` it makes `TASK_IDLE`, an idle kernel thread
+/// that `ps` shows as `I`, not `D`.
+pub const TASK_NOLOAD: u32 = 0x400;
+
 /// Indexes into [`COUNTERS_MAP`].
 pub mod counter {
     /// A ring buffer was full and an event was dropped.
     pub const RING_FULL: u32 = 0;
     /// The pending-connection map was full and a connection went untracked.
     pub const PENDING_FULL: u32 = 1;
+    /// The blocked-thread map was full and a sleep went untimed.
+    pub const BLOCKED_FULL: u32 = 2;
     /// How many slots the counters array has.
-    pub const SLOTS: u32 = 2;
+    pub const SLOTS: u32 = 3;
 }
 
 /// Where the programs find what they read: field offsets in tracepoint records (from the
@@ -132,6 +155,11 @@ pub struct Layout {
     /// `sock.__sk_common.skc_family`, for the BTF-typed `sk_data_ready` program, which has
     /// no record with the family in it; or [`NO_OFFSET`].
     pub sock_family: u32,
+    /// `sched_switch.prev_state` in the classic record (a `long`; its low 32 bits are read),
+    /// or [`NO_OFFSET`].
+    pub switch_prev_state: u32,
+    /// Zero; keeps the struct free of implicit padding.
+    pub _reserved: u32,
 }
 
 impl Layout {
@@ -156,7 +184,38 @@ impl Layout {
         unix_peer: NO_OFFSET,
         unix_path_dentry: NO_OFFSET,
         sock_family: NO_OFFSET,
+        switch_prev_state: NO_OFFSET,
+        _reserved: 0,
     };
+}
+
+/// A watched thread asleep in D state since `since_ns`, as `sched_switch` recorded it when
+/// the thread left the CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockedSleep {
+    /// `bpf_ktime_get_ns()` at the switch: CLOCK_MONOTONIC, in nanoseconds.
+    pub since_ns: u64,
+    /// The thread's process (containerd or a shim).
+    pub tgid: u32,
+    /// Zero; keeps the struct free of implicit padding.
+    pub _reserved: u32,
+}
+
+/// Whether a task that leaves the CPU in `state` (the raw `task_struct.__state`, as the
+/// BTF-typed `sched_switch` passes it) goes to sleep in D state. A preempted task stays
+/// runnable whatever its state says; `TASK_IDLE` is not `D`.
+#[inline(always)]
+pub fn sleeps_uninterruptibly(preempt: bool, state: u32) -> bool {
+    !preempt && state & (TASK_UNINTERRUPTIBLE | TASK_NOLOAD) == TASK_UNINTERRUPTIBLE
+}
+
+/// The same from the classic record, whose `prev_state` is already the reported state: one
+/// bit per letter of `ps` (D is [`TASK_UNINTERRUPTIBLE`]), and a preempted task's is
+/// `TASK_REPORT_MAX`, a bit above them all.
+#[inline(always)]
+pub fn reported_uninterruptible(prev_state: u32) -> bool {
+    prev_state & TASK_UNINTERRUPTIBLE != 0
 }
 
 /// The whole of a watched process exited, as `sched_process_exit` reported it.
@@ -288,6 +347,8 @@ mod pod {
     unsafe impl aya::Pod for super::LearnSlot {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ExePath {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BlockedSleep {}
 }
 
 /// Decides, from one `sched_process_exit` record, whether it is the exit of a whole watched
@@ -356,8 +417,27 @@ mod tests {
         assert_eq!(size_of::<PendingConnection>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<AcceptEvent>(), 8 + 8 + 4 + 4);
         assert_eq!(size_of::<LearnSlot>(), 8);
-        assert_eq!(size_of::<Layout>(), 11 * 4 + 4 + 8 + 6 * 4);
+        assert_eq!(size_of::<Layout>(), 11 * 4 + 4 + 8 + 8 * 4);
+        assert_eq!(size_of::<BlockedSleep>(), 8 + 4 + 4);
         assert_eq!(size_of::<ExePath>(), 128);
+    }
+
+    #[test]
+    fn only_an_uninterruptible_sleep_is_d_state() {
+        // TASK_UNINTERRUPTIBLE, and TASK_KILLABLE (| TASK_WAKEKILL) as in `ps`.
+        assert!(sleeps_uninterruptibly(false, 0x2));
+        assert!(sleeps_uninterruptibly(false, 0x102));
+        // Running, TASK_INTERRUPTIBLE, TASK_IDLE, TASK_DEAD.
+        for state in [0x0, 0x1, 0x402, 0x80] {
+            assert!(!sleeps_uninterruptibly(false, state), "{state:#x}");
+        }
+        // Preempted while it was about to sleep: still runnable.
+        assert!(!sleeps_uninterruptibly(true, 0x2));
+        // The classic record: D, S, R, preempted (TASK_REPORT_MAX), I.
+        assert!(reported_uninterruptible(0x2));
+        for state in [0x1, 0x0, 0x100, 0x80] {
+            assert!(!reported_uninterruptible(state), "{state:#x}");
+        }
     }
 
     #[test]

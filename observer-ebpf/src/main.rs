@@ -8,12 +8,15 @@
 //! - `connect_queued` (`sock/sk_data_ready`) and `accept_consumed` (`skb/consume_skb`): when
 //!   a connection is queued on containerd's listening socket and when containerd takes it;
 //!   `fentry.rs` has the same two on BTF-typed tracepoints, cheaper where they load.
+//! - `blocked_switch` and `blocked_switch_btf` (`sched_switch`, in `blocked.rs`): how long
+//!   containerd's and its shims' threads have been in D state.
 //!
 //! Each runs on every matching event of the whole node, so each rejects foreign events with
 //! one comparison or lookup before anything else, and none logs on those paths.
 #![no_std]
 #![no_main]
 
+mod blocked;
 mod fentry;
 
 use aya_ebpf::{

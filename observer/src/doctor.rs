@@ -233,6 +233,7 @@ fn sensors(settings: &Settings) -> Vec<Check> {
         sensor_check("process exit", &record.process_exit, settings, true),
         sensor_check("exit cause", &record.exit_cause, settings, false),
         sensor_check("accept queue", &record.accept_queue, settings, true),
+        sensor_check("blocked threads", &record.blocked_threads, settings, true),
     ];
     // A fallback is only as good as its mechanism: try each on this node.
     if record.process_exit.state == "fallback" {
@@ -258,6 +259,15 @@ fn sensors(settings: &Settings) -> Vec<Check> {
                 Ok(_) => {}
             }
         }
+    }
+    if record.blocked_threads.state == "fallback"
+        && let Err(e) = std::fs::read_dir(format!("/proc/{}/task", std::process::id()))
+    {
+        let check = &mut checks[3];
+        check.verdict = Verdict::Missing;
+        check
+            .notes
+            .push(format!("the fallback fails here: /proc/<pid>/task: {e}"));
     }
     checks
 }

@@ -83,6 +83,100 @@ fn latest<'a>(doc: &'a Value, state: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {state} verdict: {doc}"))
 }
 
+/// Some containerd thread in `doc`'s blocked threads waits in a named kernel function.
+fn assert_waits_in_the_kernel(doc: &Value, pid: u32) {
+    let threads = items(&doc["blocked_threads"], "threads");
+    assert!(
+        threads.iter().any(|t| t["owner"] == "containerd"
+            && t["pid"] == pid
+            && t["wchan"].as_str().is_some_and(|w| !w.is_empty())),
+        "no containerd thread with its wait site: {}",
+        doc["blocked_threads"]
+    );
+}
+
+/// The other two sources of blocked threads, on the same frozen root: the classic
+/// `sched_switch` tracepoint (the fast path turned off) and `/proc` sampling (no eBPF for
+/// the sensor). Each reports containerd's blocked thread with its wait site and stalls.
+#[test]
+fn a_frozen_root_is_seen_by_the_classic_tracepoint_and_by_proc_sampling() {
+    let Ok(()) = require(
+        "a_frozen_root_is_seen_by_the_classic_tracepoint_and_by_proc_sampling",
+        OBSERVER_NEEDS,
+    ) else {
+        return;
+    };
+    let sandbox = Sandbox::start(SandboxOptions::new().root_on_loop_fs(256))
+        .unwrap_or_else(|err| panic!("{err}"));
+    let pid = sandbox.main_pid().unwrap().expect("containerd runs");
+    /// How the observer runs, and which source and kernel path it should report.
+    struct Case {
+        args: &'static [&'static str],
+        env: &'static [(&'static str, &'static str)],
+        source: &'static str,
+        path: Option<&'static str>,
+    }
+    let cases = [
+        Case {
+            args: &[],
+            env: &[("OBSERVER_KERNEL_HOOKS", "tracepoint")],
+            source: "ebpf",
+            path: Some("tracepoint"),
+        },
+        Case {
+            args: &["--fallback-sensors"],
+            env: &[],
+            source: "procfs",
+            path: None,
+        },
+    ];
+    for Case {
+        args,
+        env,
+        source,
+        path,
+    } in cases
+    {
+        let args: Vec<&str> = FAST.iter().chain(args).copied().collect();
+        let observer = Observer::spawn_with_env(&sandbox, sandbox.socket(), &args, env)
+            .unwrap_or_else(|err| panic!("{err}"));
+        let doc = observer
+            .wait_healthy(Duration::from_secs(20))
+            .unwrap_or_else(|err| panic!("{err}"));
+        let sensor = &doc["sensors"]["blocked_threads"];
+        assert_eq!(
+            sensor["state"],
+            if path.is_some() { "on" } else { "fallback" },
+            "{sensor}"
+        );
+        assert_eq!(sensor["path"].as_str(), path, "{sensor}");
+        wait_layers_ok(&observer, &["metadata_write"]);
+        let frozen = sandbox.freeze_root().unwrap_or_else(|err| panic!("{err}"));
+        let doc = observer
+            .wait_for_status("a storage stall", Duration::from_secs(30), |doc| {
+                doc["state"] == "storage_stalled"
+            })
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert_eq!(
+            latest(&doc, "storage_stalled")["evidence"][0]["source"],
+            source,
+            "{doc}"
+        );
+        assert_eq!(doc["blocked_threads"]["source"], source, "{doc}");
+        assert_waits_in_the_kernel(&doc, pid);
+        drop(frozen);
+        observer
+            .wait_healthy(Duration::from_secs(30))
+            .unwrap_or_else(|err| panic!("{err}"));
+        assert!(items(&observer.status().unwrap(), "restarts").is_empty());
+    }
+    assert_eq!(
+        sandbox.main_pid().unwrap(),
+        Some(pid),
+        "containerd was restarted"
+    );
+}
+
 #[test]
 fn a_frozen_root_is_a_storage_stall_reported_not_restarted_and_clears_on_thaw() {
     let Ok(()) = require(
@@ -105,9 +199,21 @@ fn a_frozen_root_is_a_storage_stall_reported_not_restarted_and_clears_on_thaw() 
         .unwrap_or_else(|err| panic!("{err}"));
     let verdict = latest(&doc, "storage_stalled");
     let blocked = &verdict["evidence"][0];
-    assert_eq!(blocked["source"], "procfs", "{verdict}");
+    // Timed by the kernel's sched_switch program, which has run, not by /proc sampling.
+    assert_eq!(blocked["source"], "ebpf", "{verdict}");
+    assert_eq!(doc["blocked_threads"]["source"], "ebpf", "{doc}");
+    let sensor = &doc["sensors"]["blocked_threads"];
+    assert_eq!(sensor["state"], "on", "{sensor}");
+    assert_eq!(sensor["path"], "tp_btf", "{sensor}");
+    assert!(
+        items(sensor, "programs")
+            .iter()
+            .any(|p| p["name"] == "blocked_switch_btf" && p["run_count"].as_u64() > Some(0)),
+        "{sensor}"
+    );
     let detail = blocked["detail"].as_str().unwrap();
     assert!(detail.contains("in D state"), "{detail}");
+    assert_waits_in_the_kernel(&doc, pid);
     assert!(
         detail.contains("pressure"),
         "the PSI context is missing: {detail}"
@@ -512,7 +618,12 @@ fn a_wedged_snapshotter_lock_is_a_hang_dumped_then_restarted_once() {
     assert_eq!(verdict["pid"], pid, "{verdict}");
     let evidence = verdict["evidence"].as_array().unwrap();
     let why = &evidence[0];
-    assert_eq!(why["source"], "procfs", "{verdict}");
+    // From the blocked-thread sensor in use: eBPF where it loads, else /proc sampling.
+    assert_eq!(why["source"], doc["blocked_threads"]["source"], "{verdict}");
+    assert!(
+        ["ebpf", "procfs"].contains(&why["source"].as_str().unwrap_or_default()),
+        "{verdict}"
+    );
     let why = why["detail"].as_str().unwrap();
     assert!(
         why.contains("no containerd thread in D state") && why.contains("runnable"),

@@ -67,7 +67,12 @@ fn doctor_finds_what_the_agent_needs_in_the_sandbox() {
     let (output, report) = doctor(&sandbox, &[]);
     assert!(output.status.success(), "doctor failed: {report:#}");
     assert_eq!(report["ready"], true, "{report:#}");
-    for sensor in ["process exit", "exit cause", "accept queue"] {
+    for sensor in [
+        "process exit",
+        "exit cause",
+        "accept queue",
+        "blocked threads",
+    ] {
         let found = check(&report, sensor);
         assert_eq!(found["verdict"], "ok", "{sensor} did not load: {report:#}");
         let layer = found["layer"].as_str().unwrap_or_default();
@@ -97,7 +102,7 @@ fn doctor_finds_what_the_agent_needs_in_the_sandbox() {
     // With the kernel programs refused, the fallbacks are tried and said to stand in.
     let (output, report) = doctor(&sandbox, &["--fallback-sensors"]);
     assert!(output.status.success(), "{report:#}");
-    for sensor in ["process exit", "accept queue"] {
+    for sensor in ["process exit", "accept queue", "blocked threads"] {
         let found = check(&report, sensor);
         assert_eq!(
             (found["verdict"].as_str(), found["layer"].as_str()),

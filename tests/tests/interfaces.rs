@@ -146,7 +146,12 @@ fn assert_status_schema(doc: &Value) {
         doc,
         "sensors",
         sensors,
-        &["process_exit", "exit_cause", "accept_queue"],
+        &[
+            "process_exit",
+            "exit_cause",
+            "accept_queue",
+            "blocked_threads",
+        ],
     );
     for (name, sensor) in sensors.as_object().unwrap() {
         let path = format!("sensors.{name}");
@@ -681,8 +686,8 @@ fn probes_status_command_and_unix_socket() {
         "containerd  healthy  containerd.service pid ".to_owned() + &pid.to_string(),
         format!("observer    pid {}", doc["observer"]["pid"]),
         "last probe  ok in ".into(),
-        "sensors     accept_queue  on".into(),
-        "process_exit  on       via ".into(),
+        "sensors     accept_queue    on".into(),
+        "process_exit    on       via ".into(),
         "verdict     ".into(),
         "action      none yet".into(),
     ] {

@@ -207,6 +207,11 @@ fn without_ebpf_pidfd_and_sock_diag_stand_in() {
         doc["sensors"]["accept_queue"]["reason"].as_str().is_some(),
         "{doc}"
     );
+    assert_eq!(
+        doc["sensors"]["blocked_threads"]["state"], "fallback",
+        "{doc}"
+    );
+    assert_eq!(doc["blocked_threads"]["source"], "procfs", "{doc}");
     let pid = sandbox.main_pid().unwrap().unwrap();
     signal(pid, libc::SIGSTOP);
     observer

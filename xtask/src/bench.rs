@@ -29,6 +29,7 @@ pub struct BenchOptions {
     pub zoo_only: bool,
     /// Names of the zoo faults to run; empty: all.
     pub zoo_faults: Vec<String>,
+    pub switch_cost: bool,
     pub quick: bool,
     /// Seconds each fuzz target runs after the measurements (`cargo xtask fuzz`); 0: none.
     pub fuzz_seconds: u64,
@@ -65,7 +66,11 @@ pub fn bench(opts: BenchOptions) -> Result<ExitCode> {
         plan.faults = faults;
     }
     if plan.zoo_only || subset {
+        plan.zoo_only = true;
         return bench_zoo(&plan, subset);
+    }
+    if opts.switch_cost {
+        return bench_switch(&plan).map(|()| ExitCode::SUCCESS);
     }
     if plan.trials == 0 {
         bail!("--trials 0 measures nothing: give at least 1");
@@ -111,6 +116,7 @@ pub fn bench(opts: BenchOptions) -> Result<ExitCode> {
         report::write_block(&doc, "bench-results", &body, "## Results")?;
         write_zoo(&zoo)?;
         println!("{headline}\n{zoo}");
+        bench_switch(&plan)?;
         println!(
             "{TAG} results written to {} and {}",
             doc.display(),
@@ -190,6 +196,77 @@ fn bench_zoo(plan: &BenchPlan, subset: bool) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Rounds and sample length of the switch-cost measurement (`--quick`: one short round).
+fn switch_plan(plan: &BenchPlan) -> (usize, std::time::Duration) {
+    (plan.slowdown_rounds, plan.slowdown_sample)
+}
+
+/// The blocked-thread program's cost per context switch, written to its block of
+/// BENCHMARKS.md and to `benchmarks/switch.json`.
+fn bench_switch(plan: &BenchPlan) -> Result<()> {
+    let (rounds, sample) = switch_plan(plan);
+    println!(
+        "{TAG} bench: sched_switch cost, {rounds} round(s) of {:.1} s without the agent, with it on tp_btf and on the classic tracepoint",
+        sample.as_secs_f64()
+    );
+    let cost = bench::switch::measure_switch_cost(rounds, sample)
+        .map_err(|e| anyhow::anyhow!("the sched_switch cost could not be measured: {e}"))?;
+    println!("{TAG} {}", cost.one_line());
+    let command = invocation();
+    let json = serde_json::to_string_pretty(&serde_json::json!({
+        "command": command,
+        "results": cost,
+    }))
+    .context("could not serialise the results")?;
+    write(&workspace_root().join("benchmarks/switch.json"), &json)?;
+    let table = switch_table(&cost, &command);
+    report::write_block(
+        &workspace_root().join("BENCHMARKS.md"),
+        "bench-switch",
+        &table,
+        "## Cost of the blocked-thread program",
+    )?;
+    println!("{table}");
+    Ok(())
+}
+
+fn switch_table(cost: &bench::switch::SwitchCost, command: &str) -> String {
+    use bench::switch::Arm;
+    let median = |s: Option<bench::Summary>| s.map_or(f64::NAN, |s| s.median);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Run `{command}` on {}: {} round(s), each {:.1} s of `{}` per arm, in a rotating order.\n",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+        cost.rounds,
+        cost.sample_s,
+        bench::switch::PING_PONG,
+    );
+    out.push_str("| agent | round trip | with / without | switches per round trip | wall time per switch | program run per switch (BPF stats) |\n|---|---|---|---|---|---|\n");
+    let _ = writeln!(
+        out,
+        "| none | {:.0} ns | – | – | – | – |",
+        bench::summarize(&cost.without_ns).map_or(f64::NAN, |s| s.median)
+    );
+    for arm in &cost.arms {
+        let name = match arm.arm {
+            Arm::TpBtf => "`tp_btf/sched_switch` (default)",
+            Arm::Tracepoint => "`sched/sched_switch` (`OBSERVER_KERNEL_HOOKS=tracepoint`)",
+            Arm::Without => "none",
+        };
+        let _ = writeln!(
+            out,
+            "| {name} | {:.0} ns | {} | {:.2} | {:.0} ns | {:.0} ns |",
+            bench::summarize(&arm.round_trip_ns).map_or(f64::NAN, |s| s.median),
+            spread(arm.ratio),
+            median(arm.switches_per_round_trip),
+            median(arm.wall_ns_per_switch),
+            median(arm.program_ns_per_switch),
+        );
+    }
+    out
 }
 
 /// The zoo's table goes to BENCHMARKS.md and, the same, to the README.

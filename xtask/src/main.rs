@@ -93,6 +93,11 @@ enum Task {
         /// then goes to target/bench/zoo-subset.md and leaves BENCHMARKS.md alone [default: all]
         #[arg(long, value_delimiter = ',', value_name = "FAULTS")]
         zoo_faults: Vec<String>,
+        /// Only the cost of the blocked-thread program on `sched_switch` (a pipe ping-pong
+        /// without the agent, with it on tp_btf and on the classic tracepoint): writes its
+        /// block of BENCHMARKS.md and benchmarks/switch.json, and leaves the other figures alone.
+        #[arg(long)]
+        switch_cost: bool,
         /// One trial each, short windows, no reference: checks that everything runs in about
         /// a minute, and writes to target/bench/ instead of BENCHMARKS.md.
         #[arg(long)]
@@ -187,6 +192,7 @@ fn main() -> ExitCode {
             zoo_reference_trials,
             zoo_only,
             zoo_faults,
+            switch_cost,
             quick,
             fuzz_seconds,
         } => bench::bench(bench::BenchOptions {
@@ -196,6 +202,7 @@ fn main() -> ExitCode {
             zoo_reference_trials,
             zoo_only,
             zoo_faults,
+            switch_cost,
             quick,
             fuzz_seconds,
         }),

@@ -6,6 +6,8 @@
 # "tracepoint": the fast path turned off), it restarts containerd and the observer and runs:
 #   sensors        which hook and path each sensor uses
 #   fast_path      (auto only) accept queue on fentry/fexit and process exit on tp_btf
+#   blocked        the blocked-thread program runs: on tp_btf (auto) or the classic
+#                  sched_switch tracepoint (tracepoint), with runs counted
 #   accept_latency the heartbeat's connections are timed from connect to accept
 #   crash          SIGKILL: exit seen by eBPF, restarted over D-Bus
 #   exit_cause     that exit names SIGKILL and the kill process that sent it
@@ -110,6 +112,18 @@ check_fast_path() {
     fi
 }
 
+check_blocked() {
+    local path=$1 want=tp_btf got runs
+    [ "$path" = tracepoint ] && want=tracepoint
+    got=$(status | jq -r '.sensors.blocked_threads.path // .sensors.blocked_threads.state')
+    runs=$(status | jq -r '[.sensors.blocked_threads.programs[].run_count] | add // 0')
+    if [ "$got" = "$want" ] && [ "${runs:-0}" -gt 0 ]; then
+        record "$path" blocked pass "blocked_threads=$got, $runs sched_switch runs"
+    else
+        record "$path" blocked fail "blocked_threads=$got (want $want), $runs runs: $(status | jq -c '.sensors.blocked_threads | {reason, notes}')"
+    fi
+}
+
 check_accept_latency() {
     local path=$1
     if [ "$(status | jq -r '.sensors.accept_queue.state')" != on ]; then
@@ -199,6 +213,7 @@ for path in $(cat "$SHARE/paths" 2>/dev/null || echo auto); do
     say "=== kernel $(uname -r), path $path ==="
     if start_pass "$path"; then
         check_fast_path "$path"
+        check_blocked "$path"
         check_accept_latency "$path"
         check_crash "$path"
         check_freeze "$path"

@@ -39,7 +39,6 @@ use crate::{
         PendingRecord, ProbeRecord, RefreshRequest, RestartRecord, StatusDocument, VerdictRecord,
         WallClock, millis, push_action, push_bounded,
     },
-    sense::blocked::BlockedSampler,
     sense::kernel::{KernelAccept, KernelEvent, KernelExit},
     sense::ladder::{self, Ladder, LayerOutcome, LayerResult, LayerTiming},
     sense::listener::{self, Ownership},
@@ -177,7 +176,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         config_problem: None,
         layers: layers.iter().map(LayerSlot::record).collect(),
         blocked_threads: BlockedRecord {
-            source: "procfs",
+            source: sensors.blocked_source(),
             interval_ms: millis(BLOCKED_SAMPLE_INTERVAL),
             threshold_ms: millis(settings.blocked_threshold),
             ..BlockedRecord::default()
@@ -256,7 +255,6 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         last_known_pid: None,
         ladder: Ladder::new(&settings.socket, &settings.snapshotter),
         layers,
-        blocked: BlockedSampler::new(&settings.socket),
     };
     agent.refresh_unit().await;
     // systemd tells us at once when the unit changes (a new main PID after a restart by
@@ -710,7 +708,6 @@ struct Agent<'a> {
     last_known_pid: Option<(u32, u32)>,
     ladder: Arc<Ladder>,
     layers: Vec<LayerSlot>,
-    blocked: BlockedSampler,
 }
 
 impl Agent<'_> {
@@ -977,7 +974,6 @@ impl Agent<'_> {
         self.ownership_checked = None;
         self.detector.set_main_pid(pid);
         self.sensors.follow(pid, self.main_identity);
-        self.blocked.follow(pid);
         // A new containerd may have a new configuration: ask every layer again.
         let now = Instant::now();
         for slot in &mut self.layers {
@@ -1125,7 +1121,7 @@ impl Agent<'_> {
     /// Samples containerd's and its shims' threads for D state.
     fn sample_blocked(&mut self) -> Decision {
         let now = Instant::now();
-        let sample = self.blocked.sample(now);
+        let (sample, sensor) = self.sensors.sample_blocked(now);
         let threshold = self.settings.blocked_threshold;
         let past = |owner| {
             sample
@@ -1149,7 +1145,7 @@ impl Agent<'_> {
             Observation::Blocked {
                 threads: sample.threads,
                 context: sample.context,
-                sensor: Source::Procfs,
+                sensor,
             },
         )
     }

@@ -1,14 +1,24 @@
 //! Threads of containerd and its shims in uninterruptible sleep (D state), and where in the
-//! kernel they wait, sampled from `/proc/<pid>/task/*/stat` and `wchan`.
+//! kernel they wait (`wchan`, else the top of the thread's kernel `stack`).
 //!
-//! A thread seen in D state at consecutive samples counts as blocked since the first of
-//! them (it may have run in between unseen: the duration is a sampled one). The unit
-//! cgroup's io and memory pressure (PSI) come with a report as context. This sampler works
-//! on every kernel; an eBPF `sched_switch` program could time each sleep exactly, at a cost
-//! paid on every context switch of the machine, and is not used.
+//! Two sources, chosen per kernel by `sense::sensors`:
+//! - **eBPF** (`tp_btf/sched_switch`, else `sched/sched_switch`; see `observer-ebpf`'s
+//!   `blocked.rs`): the program records, for each watched thread that leaves the CPU in D
+//!   state, the moment it did, so "blocked since" is exact. A sample reads that map and
+//!   checks each entry against the thread's state in `/proc` (a thread that has run again
+//!   but not yet left the CPU still has its entry). A thread already asleep when its process
+//!   starts to be watched is found in `/proc` once and timed from then.
+//! - **`/proc` sampling**, everywhere else: `/proc/<pid>/task/*/stat` at each sample. A
+//!   thread seen in D state at consecutive samples counts as blocked since the first of them
+//!   (it may have run in between unseen: the duration is a sampled one).
+//!
+//! The unit cgroup's io and memory pressure (PSI) come with a report as context. The eBPF
+//! program's cost is a hash lookup on every context switch of the machine, measured by
+//! `cargo xtask bench --switch-cost` (BENCHMARKS.md).
 //!
 //! Shims are found by their command line (`containerd-shim*` naming containerd's socket),
-//! which needs a scan of `/proc`: it is done every [`SHIM_RESCAN`], not at every sample.
+//! which needs a scan of `/proc`: it is done every [`SHIM_RESCAN`], not at every sample; the
+//! kernel program watches the shims found.
 
 use std::{
     collections::HashMap,
@@ -17,9 +27,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tracing::warn;
+
 use crate::{
-    judge::layer::{BlockedThread, Owner},
-    sense::process::process_state,
+    judge::{
+        detector::Source,
+        layer::{BlockedThread, Owner},
+    },
+    sense::{kernel::BlockedMaps, process::process_state},
 };
 
 /// How often the shims are looked for again.
@@ -32,72 +47,159 @@ pub struct BlockedSample {
     pub context: String,
 }
 
-/// The sampler, with the first time each thread was seen in D state.
-#[derive(Debug)]
+/// Where the sleeps come from.
+enum Timing {
+    /// `/proc` sampling, with the first time each thread was seen in D state.
+    Procfs { since: HashMap<u32, Instant> },
+    /// The kernel program's maps.
+    Kernel(Box<BlockedMaps>),
+}
+
+/// The blocked-thread sensor: the processes it watches and the source of their sleeps.
 pub struct BlockedSampler {
     socket: PathBuf,
     main_pid: Option<u32>,
     shims: Vec<u32>,
     shims_found: Option<Instant>,
-    since: HashMap<u32, Instant>,
+    timing: Timing,
 }
 
 impl BlockedSampler {
-    /// Watches containerd and the shims whose command line names `socket`.
+    /// Samples `/proc` for containerd and the shims whose command line names `socket`.
     pub fn new(socket: &Path) -> Self {
         Self {
             socket: socket.to_path_buf(),
             main_pid: None,
             shims: Vec::new(),
             shims_found: None,
-            since: HashMap::new(),
+            timing: Timing::Procfs {
+                since: HashMap::new(),
+            },
+        }
+    }
+
+    /// The same processes, timed by the kernel program whose maps are `maps`.
+    pub fn with_kernel(socket: &Path, maps: BlockedMaps) -> Self {
+        Self {
+            timing: Timing::Kernel(Box::new(maps)),
+            ..Self::new(socket)
+        }
+    }
+
+    /// Which source times the sleeps: [`Source::Ebpf`] or [`Source::Procfs`].
+    pub fn source(&self) -> Source {
+        match self.timing {
+            Timing::Procfs { .. } => Source::Procfs,
+            Timing::Kernel(_) => Source::Ebpf,
         }
     }
 
     pub fn follow(&mut self, pid: Option<u32>) {
         if pid != self.main_pid {
             self.main_pid = pid;
-            self.since.clear();
+            if let Timing::Procfs { since } = &mut self.timing {
+                since.clear();
+            }
             self.shims_found = None;
+        }
+    }
+
+    /// The watched processes, containerd first.
+    fn owners(&self) -> impl Iterator<Item = (u32, Owner)> + '_ {
+        self.main_pid
+            .map(|pid| (pid, Owner::Containerd))
+            .into_iter()
+            .chain(self.shims.iter().map(|&pid| (pid, Owner::Shim)))
+    }
+
+    /// Looks for the shims again when due, and points the kernel program at the processes.
+    fn refresh(&mut self, now: Instant) {
+        if self
+            .shims_found
+            .is_some_and(|at| now.saturating_duration_since(at) < SHIM_RESCAN)
+        {
+            return;
+        }
+        self.shims = find_shims(&self.socket);
+        self.shims_found = Some(now);
+        let pids: Vec<u32> = self.owners().map(|(pid, _)| pid).collect();
+        if let Timing::Kernel(maps) = &mut self.timing {
+            if let Err(e) = maps.watch(&pids) {
+                warn!("cannot point the blocked-thread program at containerd and its shims: {e}");
+            }
+            // Sleeps that began before the program watched: timed from now.
+            for &pid in &pids {
+                for tid in threads_in_d_state(pid) {
+                    maps.seed(pid, tid, now);
+                }
+            }
         }
     }
 
     /// Takes one sample at `now`.
     pub fn sample(&mut self, now: Instant) -> BlockedSample {
-        if self
-            .shims_found
-            .is_none_or(|at| now.saturating_duration_since(at) >= SHIM_RESCAN)
-        {
-            self.shims = find_shims(&self.socket);
-            self.shims_found = Some(now);
-        }
-        let mut seen = HashMap::new();
+        self.refresh(now);
+        let owners: HashMap<u32, Owner> = self.owners().collect();
         let mut threads = Vec::new();
-        let owners = self
-            .main_pid
-            .map(|pid| (pid, Owner::Containerd))
-            .into_iter()
-            .chain(self.shims.iter().map(|&pid| (pid, Owner::Shim)));
-        for (pid, owner) in owners {
-            for tid in threads_in_d_state(pid) {
-                let since = *self.since.get(&tid).unwrap_or(&now);
-                seen.insert(tid, since);
-                threads.push(BlockedThread {
-                    owner,
-                    pid,
-                    tid,
-                    wchan: wchan(pid, tid),
-                    blocked_for: now.saturating_duration_since(since),
-                });
+        match &mut self.timing {
+            Timing::Procfs { since } => {
+                let mut seen = HashMap::new();
+                for (&pid, &owner) in &owners {
+                    for tid in threads_in_d_state(pid) {
+                        let first = *since.get(&tid).unwrap_or(&now);
+                        seen.insert(tid, first);
+                        threads.push(blocked_thread(owner, pid, tid, now, first));
+                    }
+                }
+                *since = seen;
+            }
+            Timing::Kernel(maps) => {
+                for sleep in maps.sleeps() {
+                    let Some(&owner) = owners.get(&sleep.pid) else {
+                        // Its process is no longer watched: no switch will clear the entry.
+                        maps.forget(sleep.tid);
+                        continue;
+                    };
+                    match thread_state(sleep.pid, sleep.tid) {
+                        Some('D') => threads.push(blocked_thread(
+                            owner,
+                            sleep.pid,
+                            sleep.tid,
+                            now,
+                            sleep.since,
+                        )),
+                        // Woken and running: its next switch replaces the entry.
+                        Some(_) => {}
+                        None => maps.forget(sleep.tid),
+                    }
+                }
             }
         }
-        self.since = seen;
+        // containerd's threads first, then each process's by thread ID, as /proc lists them.
+        threads.sort_by_key(|t| (t.owner != Owner::Containerd, t.pid, t.tid));
         let context = match (threads.is_empty(), self.main_pid) {
             (false, Some(pid)) => pressure(pid),
             _ => String::new(),
         };
         BlockedSample { threads, context }
     }
+}
+
+fn blocked_thread(owner: Owner, pid: u32, tid: u32, now: Instant, since: Instant) -> BlockedThread {
+    BlockedThread {
+        owner,
+        pid,
+        tid,
+        wchan: wait_site(pid, tid),
+        blocked_for: now.saturating_duration_since(since),
+    }
+}
+
+/// The state letter of thread `tid` of `pid`, or `None` when it is gone.
+fn thread_state(pid: u32, tid: u32) -> Option<char> {
+    fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
+        .ok()
+        .and_then(|stat| process_state(&stat))
 }
 
 /// The threads of `pid` whose state in `/proc/<pid>/task/<tid>/stat` is `D`.
@@ -107,19 +209,33 @@ fn threads_in_d_state(pid: u32) -> Vec<u32> {
     };
     tasks
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|tid| {
-            fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat"))
-                .is_ok_and(|stat| process_state(&stat) == Some('D'))
-        })
+        .filter(|&tid| thread_state(pid, tid) == Some('D'))
         .collect()
 }
 
-fn wchan(pid: u32, tid: u32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/task/{tid}/wchan"))
+/// The kernel function thread `tid` waits in: its `wchan`, else the top frame of its kernel
+/// stack (root only, and only with `CONFIG_STACKTRACE`); empty when neither says.
+fn wait_site(pid: u32, tid: u32) -> String {
+    let task = format!("/proc/{pid}/task/{tid}");
+    fs::read_to_string(format!("{task}/wchan"))
         .map(|w| w.trim().to_owned())
         .ok()
-        .filter(|w| w != "0")
+        .filter(|w| !w.is_empty() && w != "0")
+        .or_else(|| {
+            fs::read_to_string(format!("{task}/stack"))
+                .ok()
+                .and_then(|stack| top_frame(&stack))
+        })
         .unwrap_or_default()
+}
+
+/// The function of the first frame of a `/proc/<pid>/stack`, e.g. `percpu_rwsem_wait` from
+/// `[<0>] percpu_rwsem_wait+0x10f/0x140`.
+fn top_frame(stack: &str) -> Option<String> {
+    let line = stack.lines().next()?;
+    let frame = line.split_once("] ").map_or(line, |(_, f)| f).trim();
+    let function = frame.split('+').next()?.trim();
+    (!function.is_empty()).then(|| function.to_owned())
 }
 
 /// The shims serving the containerd whose socket is `socket`.
@@ -202,6 +318,13 @@ fn avg10(psi: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wait_site_is_the_top_frame_of_the_kernel_stack() {
+        let stack = "[<0>] percpu_rwsem_wait+0x10f/0x140\n[<0>] vfs_write+0x2a0/0x3c0\n";
+        assert_eq!(top_frame(stack).as_deref(), Some("percpu_rwsem_wait"));
+        assert_eq!(top_frame(""), None);
+    }
 
     #[test]
     fn pressure_lines_keep_the_ten_second_averages() {

@@ -6,12 +6,15 @@
 //! | process exit  | `sched_process_exit` tracepoint             | pidfd of the main PID         |
 //! | exit cause    | `signal_generate`, `mark_victim` tracepoints | systemd's exit status only    |
 //! | accept queue  | `sk_data_ready` + `consume_skb` tracepoints | sock_diag `UNIX_DIAG_RQLEN`   |
+//! | blocked threads | `sched_switch` tracepoint (`prev_state`)  | `/proc/<pid>/task/*/stat` sampling |
 //!
-//! Where the kernel allows it, process exit runs on `tp_btf` and the accept queue on
-//! fentry/fexit instead of the tracepoints (`kernel::fentry`); `path` in `/status` says which.
+//! Where the kernel allows it, process exit and blocked threads run on `tp_btf` and the
+//! accept queue on fentry/fexit instead of the tracepoints (`kernel::fentry`); `path` in
+//! `/status` says which.
 //!
-//! `--no-ebpf` turns all of them off (the polling-only baseline); `--fallback-sensors`
-//! forces the right-hand column. Either way the heartbeat keeps the queue signal alive.
+//! `--no-ebpf` turns all of them off (the polling-only baseline) but the `/proc` sampling of
+//! blocked threads, which loads nothing; `--fallback-sensors` forces the right-hand column.
+//! Either way the heartbeat keeps the queue signal alive.
 
 use std::{
     collections::HashMap,
@@ -27,6 +30,7 @@ use crate::{
     config::Settings,
     judge::detector::Source,
     report::status::{HeartbeatRecord, ProgramRecord, SensorStatus, Sensors as SensorsRecord},
+    sense::blocked::{BlockedSample, BlockedSampler},
     sense::fallback::pidfd::PidExitWatch,
     sense::fallback::sockdiag::{self, PendingTracker},
     sense::heartbeat::Heartbeat,
@@ -35,6 +39,9 @@ use crate::{
     },
     sense::process::ProcessIdentity,
 };
+
+/// The blocked-thread sensor's fallback, as `/status` names it.
+const PROCFS_BLOCKED: &str = "/proc/<pid>/task/*/stat and wchan sampling";
 
 /// Pending ages from this on are checked against the kernel's accept queue (sock_diag).
 const STALE_CHECK_AGE: Duration = Duration::from_millis(500);
@@ -62,6 +69,7 @@ pub struct Sensors {
     record: SensorsRecord,
     /// The programs' statistics as last read (reading them costs a syscall per program).
     costs: Vec<ProgramCost>,
+    blocked: BlockedSampler,
 }
 
 impl Sensors {
@@ -71,6 +79,7 @@ impl Sensors {
             process_exit: off("pidfd", "--no-ebpf: probes only"),
             exit_cause: off("systemd ExecMainStatus", "--no-ebpf: probes only"),
             accept_queue: off("sock_diag", "--no-ebpf: probes only"),
+            blocked_threads: fallback(PROCFS_BLOCKED, "--no-ebpf: no kernel programs"),
         };
         let mut sensors = Self {
             kernel: None,
@@ -84,23 +93,25 @@ impl Sensors {
             heartbeat_interval: settings.heartbeat_interval,
             record: record.clone(),
             costs: Vec::new(),
+            blocked: BlockedSampler::new(&settings.socket),
         };
         if settings.no_ebpf {
             return sensors;
         }
-        let kernel = if settings.fallback_sensors {
+        let mut kernel = if settings.fallback_sensors {
             Err("--fallback-sensors".to_owned())
         } else {
             KernelSensors::load(events).map_err(|e| e.to_string())
         };
         release_freed_heap();
-        let (exit, cause, queue) = match &kernel {
+        let (exit, cause, queue, blocked) = match &kernel {
             Ok(k) => {
                 let s = k.states();
                 (
                     s.process_exit.clone(),
                     s.exit_cause.clone(),
                     s.accept_queue.clone(),
+                    s.blocked_threads.clone(),
                 )
             }
             Err(reason) => {
@@ -110,7 +121,7 @@ impl Sensors {
                     path: None,
                     running: Err(format!("eBPF unavailable: {reason}")),
                 };
-                (down.clone(), down.clone(), down)
+                (down.clone(), down.clone(), down.clone(), down)
             }
         };
         record.process_exit = match exit.running {
@@ -146,6 +157,22 @@ impl Sensors {
                 );
                 status.notes.push(
                     "pending ages are measured from the first sample that showed a connection"
+                        .into(),
+                );
+                status
+            }
+        };
+        let maps = kernel.as_mut().ok().and_then(KernelSensors::take_blocked);
+        record.blocked_threads = match (blocked.running, maps) {
+            (Ok(notes), Some(maps)) => {
+                sensors.blocked = BlockedSampler::with_kernel(&settings.socket, maps);
+                on(&blocked.hook, blocked.path, notes)
+            }
+            (Ok(_), None) => fallback(PROCFS_BLOCKED, "the blocked-thread maps were taken"),
+            (Err(reason), _) => {
+                let mut status = fallback(PROCFS_BLOCKED, &reason);
+                status.notes.push(
+                    "blocked durations are measured from the first sample that showed the thread in D state"
                         .into(),
                 );
                 status
@@ -205,6 +232,7 @@ impl Sensors {
                 kernel.follow_executables(&executable_paths(pid));
             }
         }
+        self.blocked.follow(pid);
         if self.exit_by_pidfd {
             if let Some(task) = self.pidfd_task.take() {
                 task.abort();
@@ -290,6 +318,20 @@ impl Sensors {
         worst.map(|w| (w, source))
     }
 
+    /// Samples containerd's and its shims' threads for D state; says which source timed them.
+    pub fn sample_blocked(&mut self, now: Instant) -> (BlockedSample, Source) {
+        let sample = tokio::task::block_in_place(|| self.blocked.sample(now));
+        (sample, self.blocked.source())
+    }
+
+    /// `ebpf` or `procfs`: the source of blocked-thread durations, as `/status` names it.
+    pub fn blocked_source(&self) -> &'static str {
+        match self.blocked.source() {
+            Source::Ebpf => "ebpf",
+            _ => "procfs",
+        }
+    }
+
     /// The sensors' part of the status document; the programs' statistics are read afresh
     /// when `fresh_costs` says so, else the last ones are repeated.
     pub fn record(&mut self, fresh_costs: bool) -> SensorsRecord {
@@ -316,6 +358,9 @@ impl Sensors {
                     observer_common::SIGNAL_PROGRAM | observer_common::OOM_PROGRAM => {
                         &mut record.exit_cause
                     }
+                    observer_common::BLOCKED_PROGRAM | observer_common::BLOCKED_BTF_PROGRAM => {
+                        &mut record.blocked_threads
+                    }
                     _ => &mut record.accept_queue,
                 };
                 sensor.programs.push(program);
@@ -324,6 +369,12 @@ impl Sensors {
             if ring_full + pending_full > 0 {
                 record.accept_queue.notes.push(format!(
                     "{ring_full} event(s) dropped on full ring buffers, {pending_full} connection(s) untracked on a full pending map"
+                ));
+            }
+            let blocked_full = kernel.blocked_dropped();
+            if blocked_full > 0 {
+                record.blocked_threads.notes.push(format!(
+                    "{blocked_full} sleep(s) untimed on a full blocked-thread map"
                 ));
             }
         }

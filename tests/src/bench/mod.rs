@@ -8,6 +8,7 @@
 //!   programs' run counts and times, and the slowdown it causes on unrelated work;
 //! - [`soak`]: a throttled, loaded containerd watched for a long time: no restart may happen;
 //! - [`load`]: the load both put on the node, and the workloads whose slowdown is measured;
+//! - [`switch`]: what the blocked-thread program on `sched_switch` costs every context switch;
 //! - [`zoo`]: the fault zoo (OOM kill, cgroup freeze, descriptor exhaustion, a removed
 //!   socket, and the faults above) against the observer's configurations and two reference
 //!   watchdogs (Gardener-like, node-problem-detector-like).
@@ -20,6 +21,7 @@ pub mod load;
 pub mod procfs;
 pub mod recovery;
 pub mod soak;
+pub mod switch;
 pub mod zoo;
 
 use std::{

@@ -118,7 +118,7 @@ pub struct LayerProbeRecord {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct BlockedRecord {
-    /// `procfs`: sampled from /proc.
+    /// `ebpf`: timed by the `sched_switch` program; `procfs`: sampled from /proc.
     pub source: &'static str,
     pub interval_ms: f64,
     pub threshold_ms: f64,
@@ -201,6 +201,7 @@ pub struct Sensors {
     pub process_exit: SensorStatus,
     pub exit_cause: SensorStatus,
     pub accept_queue: SensorStatus,
+    pub blocked_threads: SensorStatus,
 }
 
 #[derive(Debug, Clone, Serialize)]

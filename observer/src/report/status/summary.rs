@@ -115,15 +115,17 @@ pub fn summary(doc: &serde_json::Value, colour: bool, now: SystemTime) -> String
     if !layers.is_empty() {
         let _ = writeln!(out, "layers      {}", layers.join(", "));
     }
-    let blocked = doc["blocked"]["threads"].as_array().map_or(0, Vec::len);
+    let blocked = doc["blocked_threads"]["threads"]
+        .as_array()
+        .map_or(0, Vec::len);
     if blocked > 0 {
         let _ = writeln!(
             out,
             "blocked     {} via {}, first in {} ({})",
             paint("1;31", &format!("{blocked} thread(s) in D state")),
-            text(&doc["blocked"]["source"]),
-            text(&doc["blocked"]["threads"][0]["wchan"]),
-            text(&doc["blocked"]["pressure"]),
+            text(&doc["blocked_threads"]["source"]),
+            text(&doc["blocked_threads"]["threads"][0]["wchan"]),
+            text(&doc["blocked_threads"]["pressure"]),
         );
     }
     if let Some(sensors) = doc["sensors"].as_object() {
@@ -131,7 +133,7 @@ pub fn summary(doc: &serde_json::Value, colour: bool, now: SystemTime) -> String
             let state = text(&sensor["state"]);
             let _ = writeln!(
                 out,
-                "{}{name:<13} {} via {}{}",
+                "{}{name:<15} {} via {}{}",
                 if i == 0 {
                     "sensors     "
                 } else {
@@ -211,7 +213,7 @@ mod tests {
                 { "layer": "metadata_write", "state": "on", "last": { "result": "timeout", "latency_ms": 2000.0, "detail": "no answer within 2s" } },
                 { "layer": "snapshots", "state": "off", "last": null }
             ],
-            "blocked": { "source": "procfs", "threads": [{ "tid": 50, "wchan": "percpu_rwsem_wait" }], "pressure": "io some avg10=40.00" },
+            "blocked_threads": { "source": "ebpf", "threads": [{ "tid": 50, "wchan": "percpu_rwsem_wait" }], "pressure": "io some avg10=40.00" },
             "verdicts": [{ "at": "2030-01-01T00:00:00Z", "state": "crashed", "pid": 41,
                            "detection_latency_ms": 0.1, "evidence": [{ "detail": "killed by SIGKILL" }] }],
             "actions": [{ "at": "2030-01-01T00:00:01Z", "action": "restart", "reason": "crashed",
@@ -228,9 +230,9 @@ mod tests {
             "observer    pid 7 version 0.1.0, fused, paused",
             "last probe  refused in 0.2 ms, 5s ago: cannot connect",
             "layers      cri ok 1.5 ms, metadata_write timeout 2000.0 ms (no answer within 2s)",
-            "blocked     1 thread(s) in D state via procfs, first in percpu_rwsem_wait (io some avg10=40.00)",
-            "sensors     accept_queue  fallback via sock_diag (no BTF)",
-            "            process_exit  on       via sched_process_exit",
+            "blocked     1 thread(s) in D state via ebpf, first in percpu_rwsem_wait (io some avg10=40.00)",
+            "sensors     accept_queue    fallback via sock_diag (no BTF)",
+            "            process_exit    on       via sched_process_exit",
             "verdict     crashed 5s ago, pid 41, detected in 0.1 ms: killed by SIGKILL",
             "action      restart for crashed 4s ago: done: new pid 42",
         ] {

@@ -1,6 +1,7 @@
 //! The fast path, chosen per kernel at load time: process exit on `tp_btf/sched_process_exit`
 //! and accept latency on fentry/fexit of `unix_stream_connect` and fexit of `unix_accept`
-//! (see `observer-ebpf/src/fentry.rs`). Where the kernel refuses them (no BTF, no trampolines,
+//! (see `observer-ebpf/src/fentry.rs`), and blocked threads on `tp_btf/sched_switch`
+//! (`observer-ebpf/src/blocked.rs`). Where the kernel refuses them (no BTF, no trampolines,
 //! a lockdown that forbids fentry: EPERM) the loader falls back to the classic tracepoints,
 //! and `/status` names the path each sensor took.
 //!
@@ -12,8 +13,8 @@ use aya::{
     programs::{BtfTracePoint, FEntry, FExit, Program, ProgramError},
 };
 use observer_common::{
-    ACCEPT_BTF_PROGRAM, ACCEPT_EXIT_PROGRAM, CONNECT_BTF_PROGRAM, CONNECT_ENTRY_PROGRAM,
-    CONNECT_EXIT_PROGRAM, Layout, PROCESS_EXIT_BTF_PROGRAM,
+    ACCEPT_BTF_PROGRAM, ACCEPT_EXIT_PROGRAM, BLOCKED_BTF_PROGRAM, CONNECT_BTF_PROGRAM,
+    CONNECT_ENTRY_PROGRAM, CONNECT_EXIT_PROGRAM, Layout, PROCESS_EXIT_BTF_PROGRAM,
 };
 
 use crate::sense::kernel::btf::Btf;
@@ -156,6 +157,19 @@ pub fn attach_accept_queue_btf(ebpf: &mut Ebpf, kernel_btf: &aya::Btf) -> Result
         return Err(e);
     }
     Ok("tp_btf sk_data_ready (connect queued), tp_btf consume_skb (accepted)".into())
+}
+
+/// Loads and attaches `blocked_switch_btf`; returns the hook's description. Kernels before
+/// 5.18 pass no `prev_state` to `sched_switch`, and the verifier refuses the program there.
+pub fn attach_blocked_btf(ebpf: &mut Ebpf, kernel_btf: &aya::Btf) -> Result<String, String> {
+    let program: &mut BtfTracePoint = program(ebpf, BLOCKED_BTF_PROGRAM)?;
+    program
+        .load("sched_switch", kernel_btf)
+        .map_err(|e| refused(BLOCKED_BTF_PROGRAM, e))?;
+    program
+        .attach()
+        .map_err(|e| format!("cannot attach {BLOCKED_BTF_PROGRAM}: {e}"))?;
+    Ok("tp_btf sched_switch (prev_state of containerd's and its shims' threads)".into())
 }
 
 /// `unix_accept` changed its arguments in 6.10; the programs read only the first two, which

@@ -128,6 +128,7 @@ pub struct Formats {
     pub mark_victim: Tracepoint,
     pub sk_data_ready: Tracepoint,
     pub consume_skb: Tracepoint,
+    pub sched_switch: Tracepoint,
 }
 
 impl Formats {
@@ -139,6 +140,7 @@ impl Formats {
             mark_victim: Tracepoint::read("oom", "mark_victim"),
             sk_data_ready: Tracepoint::read("sock", "sk_data_ready"),
             consume_skb: Tracepoint::read("skb", "consume_skb"),
+            sched_switch: Tracepoint::read("sched", "sched_switch"),
         }
     }
 }
@@ -207,6 +209,8 @@ pub fn build(formats: &Formats, offsets: &StructOffsets) -> Layout {
         sock_receive_queue_tail: or_none(offsets.sock_receive_queue_tail.clone().ok()),
         sock_receive_queue_head: or_none(offsets.sock_receive_queue_head.clone().ok()),
         sock_family: or_none(offsets.sock_family.clone().ok()),
+        // A `long`: the program reads its low half, which holds every state bit.
+        switch_prev_state: or_none(formats.sched_switch.offset("prev_state", 8)),
         reported_signals: FATAL_SIGNALS,
         // The fast path's offsets: filled in by `kernel::fentry` when it is tried.
         ..Layout::UNKNOWN
@@ -279,12 +283,38 @@ print fmt: \"comm=%s pid=%d prio=%d group_dead=%s\", REC->comm, REC->pid, REC->p
             mark_victim: tracepoint(""),
             sk_data_ready: tracepoint(""),
             consume_skb: tracepoint(""),
+            sched_switch: tracepoint(""),
         };
         let offsets = StructOffsets::from_btf(Err("no BTF".into()));
         let layout = build(&formats, &offsets);
         assert_eq!(layout.exit_group_dead, NO_OFFSET);
+        assert_eq!(layout.switch_prev_state, NO_OFFSET);
         assert_eq!(layout.task_exit_code, NO_OFFSET);
         assert_eq!(layout.sock_receive_queue_tail, NO_OFFSET);
+    }
+
+    #[test]
+    fn sched_switch_gives_its_prev_state() {
+        let format = "name: sched_switch
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:char prev_comm[16];\toffset:8;\tsize:16;\tsigned:0;
+\tfield:pid_t prev_pid;\toffset:24;\tsize:4;\tsigned:1;
+\tfield:int prev_prio;\toffset:28;\tsize:4;\tsigned:1;
+\tfield:long prev_state;\toffset:32;\tsize:8;\tsigned:1;
+\tfield:char next_comm[16];\toffset:40;\tsize:16;\tsigned:0;
+";
+        let formats = Formats {
+            process_exit: tracepoint(""),
+            process_exec: tracepoint(""),
+            signal_generate: tracepoint(""),
+            mark_victim: tracepoint(""),
+            sk_data_ready: tracepoint(""),
+            consume_skb: tracepoint(""),
+            sched_switch: tracepoint(format),
+        };
+        let layout = build(&formats, &StructOffsets::from_btf(Err("no BTF".into())));
+        assert_eq!(layout.switch_prev_state, 32);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! - exit cause (`signal/signal_generate`, `oom/mark_victim`): who signalled containerd;
 //! - accept queue (`sock/sk_data_ready`, `skb/consume_skb`): when connections are queued on
 //!   containerd's socket and when containerd accepts them, hence accept latency and the age
-//!   of the oldest connection still waiting.
+//!   of the oldest connection still waiting;
+//! - blocked threads (`tp_btf/sched_switch`, else `sched/sched_switch`): since when each of
+//!   containerd's and its shims' threads has been in D state ([`BlockedMaps`]).
 //!
 //! A sensor whose tracepoint, record field or struct offset is missing on this kernel is
 //! off with the reason; the others still run.
@@ -28,10 +30,11 @@ use aya::{
     programs::TracePoint,
 };
 use observer_common::{
-    ACCEPT_EVENTS_MAP, ACCEPT_PROGRAM, AcceptEvent, CONNECT_PROGRAM, COUNTERS_MAP,
-    EXIT_CODE_UNKNOWN, EXIT_EVENTS_MAP, ExePath, ExitEvent, FOLLOW_EXE_MAP, LAYOUT_GLOBAL,
-    LEARN_MAP, LISTENERS_MAP, LearnSlot, MAX_FOLLOW_EXE, MAX_LISTENERS, NO_OFFSET, OOM_PROGRAM,
-    PENDING_MAP, PROCESS_EXEC_PROGRAM, PROCESS_EXIT_PROGRAM, PendingConnection, SIGNAL_EVENTS_MAP,
+    ACCEPT_EVENTS_MAP, ACCEPT_PROGRAM, AcceptEvent, BLOCKED_MAP, BLOCKED_PROGRAM,
+    BLOCKED_WATCH_MAP, BlockedSleep, CONNECT_PROGRAM, COUNTERS_MAP, EXIT_CODE_UNKNOWN,
+    EXIT_EVENTS_MAP, ExePath, ExitEvent, FOLLOW_EXE_MAP, LAYOUT_GLOBAL, LEARN_MAP, LISTENERS_MAP,
+    LearnSlot, MAX_FOLLOW_EXE, MAX_LISTENERS, NO_OFFSET, OOM_PROGRAM, PENDING_MAP,
+    PROCESS_EXEC_PROGRAM, PROCESS_EXIT_PROGRAM, PendingConnection, SIGNAL_EVENTS_MAP,
     SIGNAL_PROGRAM, SignalEvent, WATCHED_PIDS_MAP, counter, signal_kind,
 };
 use tokio::{
@@ -132,6 +135,7 @@ pub struct SensorStates {
     pub process_exit: SensorState,
     pub exit_cause: SensorState,
     pub accept_queue: SensorState,
+    pub blocked_threads: SensorState,
 }
 
 /// Run count and average run time of one program (BPF stats).
@@ -181,6 +185,8 @@ pub struct KernelSensors {
     counters: PerCpuArray<MapData, u64>,
     follow_exe: Option<Array<MapData, ExePath>>,
     learner: Option<ListenerLearner>,
+    /// The blocked-thread sensor's maps, until [`KernelSensors::take_blocked`] hands them out.
+    blocked: Option<BlockedMaps>,
     states: SensorStates,
     attached: Vec<&'static str>,
     ebpf: Ebpf,
@@ -381,6 +387,35 @@ impl KernelSensors {
             }
         };
 
+        // Blocked threads: the BTF-typed tracepoint, else the classic one.
+        let mut blocked_notes = Vec::new();
+        let typed = match &fast_path_off {
+            Some(reason) => Err(reason.clone()),
+            None => kernel_btf
+                .as_ref()
+                .map_err(Clone::clone)
+                .and_then(|btf| fentry::attach_blocked_btf(&mut ebpf, btf)),
+        };
+        let (blocked_hook, blocked_path, blocked) = match typed {
+            Ok(hook) => {
+                fast_programs.push(observer_common::BLOCKED_BTF_PROGRAM);
+                (hook, fentry::path::TP_BTF, Ok(()))
+            }
+            Err(e) => {
+                blocked_notes.push(format!("not on tp_btf: {e}"));
+                (
+                    "tracepoint sched/sched_switch (prev_state of containerd's and its shims' threads)".to_owned(),
+                    fentry::path::TRACEPOINT,
+                    attach(
+                        &mut ebpf,
+                        BLOCKED_PROGRAM,
+                        &formats.sched_switch,
+                        &[formats.sched_switch.require("prev_state", 8)],
+                    ),
+                )
+            }
+        };
+
         attached.extend(fast_programs);
         let states = SensorStates {
             process_exit: SensorState {
@@ -398,6 +433,20 @@ impl KernelSensors {
                 path: Some(queue_path),
                 running: accept.map(|()| queue_notes),
             },
+            blocked_threads: SensorState {
+                hook: blocked_hook,
+                path: Some(blocked_path),
+                running: blocked.clone().map(|()| blocked_notes),
+            },
+        };
+        let blocked = match blocked {
+            Ok(()) => Some(BlockedMaps {
+                watch: BpfHashMap::try_from(take_map(&mut ebpf, BLOCKED_WATCH_MAP)?)
+                    .map_err(|e| map_err(BLOCKED_WATCH_MAP, e))?,
+                sleeps: BpfHashMap::try_from(take_map(&mut ebpf, BLOCKED_MAP)?)
+                    .map_err(|e| map_err(BLOCKED_MAP, e))?,
+            }),
+            Err(_) => None,
         };
 
         let watched = BpfHashMap::try_from(take_map(&mut ebpf, WATCHED_PIDS_MAP)?)
@@ -482,6 +531,7 @@ impl KernelSensors {
             counters,
             follow_exe,
             learner,
+            blocked,
             states,
             attached,
             ebpf,
@@ -497,6 +547,11 @@ impl KernelSensors {
     /// `None` when the accept-queue sensor is off.
     pub fn listener_learner(&self) -> Option<ListenerLearner> {
         self.learner.clone()
+    }
+
+    /// The blocked-thread sensor's maps, once; `None` when its program does not run.
+    pub fn take_blocked(&mut self) -> Option<BlockedMaps> {
+        self.blocked.take()
     }
 
     /// Points the kernel-side PID filter at `pid` alone. The new PID goes in before the old
@@ -596,13 +651,22 @@ impl KernelSensors {
 
     /// Events dropped because a ring buffer or the pending map was full, summed over CPUs.
     pub fn dropped(&self) -> (u64, u64) {
-        let sum = |slot| {
-            self.counters
-                .get(&slot, 0)
-                .map(|values| values.iter().sum())
-                .unwrap_or(0)
-        };
-        (sum(counter::RING_FULL), sum(counter::PENDING_FULL))
+        (
+            self.counter(counter::RING_FULL),
+            self.counter(counter::PENDING_FULL),
+        )
+    }
+
+    /// Sleeps left untimed because the blocked-thread map was full, summed over CPUs.
+    pub fn blocked_dropped(&self) -> u64 {
+        self.counter(counter::BLOCKED_FULL)
+    }
+
+    fn counter(&self, slot: u32) -> u64 {
+        self.counters
+            .get(&slot, 0)
+            .map(|values| values.iter().sum())
+            .unwrap_or(0)
     }
 
     /// Run count and total run time of each attached program, from BPF stats.
@@ -618,6 +682,81 @@ impl KernelSensors {
                 })
             })
             .collect()
+    }
+}
+
+/// The maps of the blocked-thread program: which processes it watches, and the D-state
+/// sleeps of their threads it is timing.
+pub struct BlockedMaps {
+    watch: BpfHashMap<MapData, u32, u8>,
+    sleeps: BpfHashMap<MapData, u32, BlockedSleep>,
+}
+
+/// `bpf_map_update_elem` flag (`linux/bpf.h`): insert only if the key is absent.
+const BPF_NOEXIST: u64 = 1;
+
+/// A watched thread in D state since `since`, by the kernel's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelSleep {
+    pub tid: u32,
+    pub pid: u32,
+    pub since: Instant,
+}
+
+impl BlockedMaps {
+    /// Times the sleeps of exactly the processes `pids`. New ones go in before the stale
+    /// ones leave, as in [`KernelSensors::watch_only`].
+    pub fn watch(&mut self, pids: &[u32]) -> Result<(), KernelError> {
+        for pid in pids {
+            self.watch.insert(pid, 1, 0)?;
+        }
+        let stale: Vec<u32> = self
+            .watch
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|p| !pids.contains(p))
+            .collect();
+        for p in stale {
+            self.watch.remove(&p)?;
+        }
+        Ok(())
+    }
+
+    /// Records thread `tid` of `pid` as asleep since `since`, unless the program already
+    /// times a sleep of it: for a thread found in D state when its process starts to be
+    /// watched, whose sleep began before any switch the program saw.
+    pub fn seed(&mut self, pid: u32, tid: u32, since: Instant) {
+        let ago = Instant::now().saturating_duration_since(since);
+        let sleep = BlockedSleep {
+            since_ns: monotonic_now_ns().saturating_sub(ago.as_nanos() as u64),
+            tgid: pid,
+            _reserved: 0,
+        };
+        // The program's own, exact record wins.
+        let _ = self.sleeps.insert(tid, sleep, BPF_NOEXIST);
+    }
+
+    /// Every sleep the program is timing now.
+    pub fn sleeps(&self) -> Vec<KernelSleep> {
+        let now_ns = monotonic_now_ns();
+        let now = Instant::now();
+        self.sleeps
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(tid, sleep)| {
+                let ago = Duration::from_nanos(now_ns.saturating_sub(sleep.since_ns));
+                KernelSleep {
+                    tid,
+                    pid: sleep.tgid,
+                    since: now.checked_sub(ago).unwrap_or(now),
+                }
+            })
+            .collect()
+    }
+
+    /// Drops the record of thread `tid` (its process is no longer watched, or it is gone).
+    pub fn forget(&mut self, tid: u32) {
+        let _ = self.sleeps.remove(&tid);
     }
 }
 
