@@ -477,6 +477,16 @@ fn observer_trial(out: &mut ZooTrial, config: Config) -> Result<(), String> {
         out.fault_to_recovery_ms = answered.ok().map(|d| d.as_secs_f64() * 1e3);
         Ok::<(), String>(())
     })?;
+    if fault.remedy() == Remedy::OneRestartThenReport && out.verdict.is_some() {
+        // The restart's start hangs too, until systemd's start timeout fails its job; the
+        // hang seen again after it is reported. Held until then, to see that no second
+        // restart comes.
+        let _ = observer.wait_for_status("the startup hang reported", STARTUP_REPORT, |doc| {
+            doc["actions"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|a| a["action"] == "report_with_dump"))
+        });
+    }
     if !restart && fault.remedy() != Remedy::Nothing {
         // Held as long again after the verdict, to see that no restart (or no second one)
         // comes; then undone, as an operator would once it is reported.
@@ -570,6 +580,10 @@ fn remedy_note(doc: &Value) -> Option<String> {
         action["result"].as_str().unwrap_or_default()
     ))
 }
+
+/// How long a startup hang's restart may take to end the same way and be reported: the
+/// sandbox's start timeout (20 s), and a few probes, with room.
+const STARTUP_REPORT: Duration = Duration::from_secs(90);
 
 /// containerd's main PID, and the process the fault goes to (for the wedge, the containerd
 /// under the shell that is the main process).
@@ -686,7 +700,10 @@ fn npd_measure(
         }
         None => None,
     };
-    if !restart {
+    if fault == Fault::StartupHang {
+        // Its cooldown counts from the start that hangs: watch it end, and four checks more.
+        thread::sleep((NPD_COOLDOWN + NPD_PERIOD * 4).saturating_sub(at.elapsed()));
+    } else if !restart {
         // Where no restart (or no second one) is right, watch what it does a while longer:
         // four more checks.
         thread::sleep(NPD_PERIOD * 4);
@@ -752,14 +769,16 @@ fn npd_loop(sandbox: &Sandbox, events: &Mutex<Vec<NpdEvent>>, stop: &AtomicBool)
     }
 }
 
-/// How long the unit has been active: from systemd's `ActiveEnterTimestampMonotonic`, the
-/// uptime NPD's cooldown counts from.
+/// How long since systemd last started the unit: from its `InactiveExitTimestampMonotonic`,
+/// the uptime NPD's cooldown counts from (its health checker reads `InactiveExitTimestamp`,
+/// set when the unit leaves inactive for activating, so that a unit killed while still
+/// activating is not killed again at once).
 fn unit_uptime(sandbox: &Sandbox) -> Option<Duration> {
     let out = sandbox
         .systemctl(&[
             "show",
             "-p",
-            "ActiveEnterTimestampMonotonic",
+            "InactiveExitTimestampMonotonic",
             "--value",
             sandbox.unit(),
         ])
