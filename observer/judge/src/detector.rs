@@ -497,6 +497,16 @@ impl Detector {
         if pid != self.main_pid {
             self.answered_since_start = false;
             self.starting_refusals = 0;
+            // A new main process after a crash or a stop the observer left alone: systemd's
+            // `Restart=` or an operator started containerd again. It is judged afresh, as
+            // after a restart of the observer's own, so that a start that hangs is seen.
+            if pid.is_some()
+                && !self.restart_in_flight
+                && matches!(self.state, State::Crashed | State::Stopped)
+            {
+                self.state = State::Recovering;
+                self.failures = None;
+            }
         }
         self.main_pid = pid;
     }
@@ -2569,6 +2579,63 @@ mod tests {
         assert_eq!(d.observe(t0 + ms(12_100), ok()), Decision::Wait);
         assert_eq!(d.state(), State::Degraded);
         d.observe(t0 + ms(22_000), layer_ok(Layer::Tasks, ms(3)));
+        assert_eq!(d.state(), State::Healthy);
+    }
+
+    /// An operator's `systemctl restart` whose start hangs: the stop is seen (an exit, then
+    /// the unit stopped), and the new process that never serves is still a startup hang.
+    #[test]
+    fn a_start_that_hangs_after_an_operators_stop_is_a_startup_hang() {
+        let t0 = Instant::now();
+        let mut d = healthy_detector(t0);
+        d.set_main_pid(Some(100));
+        let exit = Observation::ProcessExited {
+            pid: 100,
+            at: t0 + ms(100),
+            sensor: Source::Ebpf,
+            detail: "exited with status 0".into(),
+        };
+        d.observe(t0 + ms(100), exit);
+        d.observe(
+            t0 + ms(200),
+            Observation::UnitStopped {
+                detail: "the unit is stopped".into(),
+            },
+        );
+        assert_eq!(d.state(), State::Stopped);
+        // Refused while no process runs: nothing to judge.
+        let at = t0 + ms(300);
+        assert_eq!(
+            d.observe(at, failed(at, ProbeFailure::Refused)),
+            Decision::Wait
+        );
+        // Started again; it never serves its socket.
+        d.set_main_pid(Some(101));
+        d.set_unit_starting(true);
+        assert_eq!(d.state(), State::Recovering);
+        let mut last = Decision::Wait;
+        for i in 0..3 {
+            let at = t0 + ms(2000 + 2000 * i);
+            last = d.observe(at, failed(at, ProbeFailure::Refused));
+        }
+        let Decision::Act(v) = last else {
+            panic!("expected a startup hang, state {:?}", d.state());
+        };
+        assert_eq!(
+            (v.state, v.pid, v.repeat),
+            (State::StartupHung, Some(101), 1)
+        );
+        // A start that serves is healthy, as before.
+        let mut d = healthy_detector(t0);
+        d.set_main_pid(Some(100));
+        d.observe(
+            t0 + ms(200),
+            Observation::UnitStopped {
+                detail: "the unit is stopped".into(),
+            },
+        );
+        d.set_main_pid(Some(101));
+        d.observe(t0 + ms(1000), ok());
         assert_eq!(d.state(), State::Healthy);
     }
 
