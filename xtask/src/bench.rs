@@ -303,7 +303,8 @@ fn zoo_table(results: &BenchResults, command: &str) -> String {
         out,
         "From `{command}` ({}; Linux {}, {} CPUs). Each cell: fault → verdict (median); acted \
          (trials that acted / trials) and whether that was right (✓: one restart, or one kill, \
-         where a restart is the remedy; repeated kills that bring nothing back are ✗); fault → a new containerd answering `Version()` (median). \
+         where a restart is the remedy; none where a report is, for a storage stall or a hung shim; one and no more for a startup hang; \
+         repeated kills that bring nothing back are ✗); fault → a new containerd answering `Version()` (median), where a restart is the remedy. \
          \"never\": not within the trial's window (verdict: 150 s for the observer's \
          configurations, 30 s for the NPD-like one; recovery: 60 s after the verdict).\n",
         results.started_at.get(..10).unwrap_or_default(),
